@@ -1,0 +1,56 @@
+"""Ambient metadata for events appended in the current unit of work.
+
+The web middleware sets correlation id, actor and traceparent for a request;
+the consumer runtime sets them (plus causation and chain depth) while a handler
+runs, so events emitted by a handler carry the handled event's id as their
+causation id and its correlation id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import uuid
+from collections.abc import Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class EventContext:
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    actor: str = ""
+    traceparent: str = ""
+    chain_depth: int = 0
+    # True while `replay_events` runs handlers: outside effects are skipped.
+    replaying: bool = False
+
+
+_current: contextvars.ContextVar[EventContext] = contextvars.ContextVar(
+    "eventing_context",
+    default=EventContext(),  # noqa: B039 - frozen dataclass: immutable
+)
+
+
+def current() -> EventContext:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use(ctx: EventContext) -> Iterator[EventContext]:
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def scope(**changes: object) -> Iterator[EventContext]:
+    ctx = dataclasses.replace(current(), **changes)  # type: ignore[arg-type]
+    with use(ctx) as active:
+        yield active
+
+
+def new_correlation_id() -> str:
+    return str(uuid.uuid4())

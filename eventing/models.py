@@ -1,0 +1,289 @@
+"""Tables of the platform: the event store, the outbox, consumer checkpoints
+and dead letters, plus the abstract base of event-emitting models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.db import models, transaction
+from django.utils import timezone
+
+from .events import DomainEvent
+
+
+class StoredEvent(models.Model):
+    """One immutable event. The database refuses UPDATE and DELETE on this table
+    (trigger in migration 0002); only TRUNCATE, which tests use, can clear it.
+
+    `position` is the global order (a sequence: unique and increasing, with
+    gaps where a transaction rolled back). `(aggregate_type, aggregate_id,
+    version)` is unique: a stream's versions are 1..n without gap because the
+    writer appends `expected_version + 1` and two writers cannot both insert it.
+    """
+
+    position = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField(unique=True)
+    aggregate_type = models.CharField(max_length=100)
+    aggregate_id = models.CharField(max_length=100)
+    version = models.PositiveIntegerField()
+    event_type = models.CharField(max_length=150, db_index=True)
+    schema_version = models.PositiveSmallIntegerField()
+    payload = models.JSONField()
+    source = models.CharField(max_length=200)
+    time = models.DateTimeField(default=timezone.now)
+    correlation_id = models.CharField(max_length=64, db_index=True)
+    causation_id = models.CharField(max_length=64, blank=True, default="")
+    traceparent = models.CharField(max_length=64, blank=True, default="")
+    actor = models.CharField(max_length=150, blank=True, default="")
+    chain_depth = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["aggregate_type", "aggregate_id", "version"], name="event_stream_version"
+            )
+        ]
+        indexes = [models.Index(fields=["aggregate_id"], name="event_aggregate_id")]
+        ordering = ["position"]
+
+    def __str__(self) -> str:
+        stream = f"{self.aggregate_type}/{self.aggregate_id}"
+        return f"#{self.position} {self.event_type} {stream} v{self.version}"
+
+    @property
+    def stream(self) -> tuple[str, str]:
+        return (self.aggregate_type, self.aggregate_id)
+
+    def envelope(self) -> dict[str, Any]:
+        """The wire form: CloudEvents 1.0 attribute names where one fits."""
+        return {
+            "specversion": "1.0",
+            "id": str(self.event_id),
+            "source": self.source,
+            "type": self.event_type,
+            "subject": f"{self.aggregate_type}/{self.aggregate_id}",
+            "time": self.time.isoformat(),
+            "datacontenttype": "application/json",
+            "dataschemaversion": self.schema_version,
+            "aggregatetype": self.aggregate_type,
+            "aggregateid": self.aggregate_id,
+            "aggregateversion": self.version,
+            "position": self.position,
+            "correlationid": self.correlation_id,
+            "causationid": self.causation_id,
+            "traceparent": self.traceparent,
+            "actor": self.actor,
+            "chaindepth": self.chain_depth,
+            "data": self.payload,
+        }
+
+
+class OutboxMessage(models.Model):
+    """An event waiting to be published. Rows leave once the broker confirmed.
+
+    `consumer` empty means "every subscribed consumer"; a name targets one
+    consumer (a redrive). `claimed_until` is a lease: a relay that claimed the
+    row publishes it without holding a transaction open, and a crashed relay's
+    rows become claimable again when the lease runs out.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    event = models.ForeignKey(StoredEvent, on_delete=models.PROTECT, related_name="+")
+    consumer = models.CharField(max_length=100, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    available_at = models.DateTimeField(default=timezone.now)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        indexes = [models.Index(fields=["available_at", "id"], name="outbox_available")]
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"outbox #{self.id} -> event #{self.event_id}"
+
+
+class RelayWake(models.Model):
+    """A single row: `requested` is true while a wake-up message is in flight.
+
+    Commits set it and send a wake-up only when it was false, so a burst of
+    commits sends one message; the relay clears it before draining, so a commit
+    that lands after the drain started sends a fresh wake-up. Losing the message
+    leaves it set: the beat tick clears it within a second.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    requested = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"relay wake requested={self.requested}"
+
+
+class Checkpoint(models.Model):
+    """How far one consumer got in one aggregate's stream: the lane.
+
+    Invariant: `version` advances only in the transaction that applied the
+    consumer's handlers for every event up to it, and only by one at a time.
+    """
+
+    consumer = models.CharField(max_length=100)
+    aggregate_type = models.CharField(max_length=100)
+    aggregate_id = models.CharField(max_length=100)
+    version = models.PositiveIntegerField(default=0)
+    duplicates = models.PositiveIntegerField(default=0)
+    parked = models.BooleanField(default=False)
+    parked_reason = models.TextField(blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["consumer", "aggregate_type", "aggregate_id"], name="checkpoint_lane"
+            )
+        ]
+        indexes = [
+            models.Index(
+                fields=["consumer"], condition=models.Q(parked=True), name="checkpoint_parked"
+            )
+        ]
+
+    def __str__(self) -> str:
+        state = " (parked)" if self.parked else ""
+        return f"{self.consumer} @ {self.aggregate_type}/{self.aggregate_id} v{self.version}{state}"
+
+
+class DeadLetter(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open"
+        REDRIVEN = "redriven"
+        DISCARDED = "discarded"
+
+    consumer = models.CharField(max_length=100)
+    # Null when the message named no stored event (a forged or malformed one).
+    event = models.ForeignKey(
+        StoredEvent, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    message = models.JSONField(null=True, blank=True)
+    error = models.TextField()
+    traceback = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=1)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.OPEN)
+    created_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True, default="")
+    resolution_note = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["consumer", "event"],
+                condition=models.Q(status="open"),
+                name="dead_letter_open_once",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"dead letter {self.consumer} #{self.event_id}: {self.error[:60]}"
+
+
+class EventEmissionRequired(RuntimeError):
+    """A bulk write would change an event-emitting model without its events."""
+
+
+class EventSourcedQuerySet(models.QuerySet):
+    """Refuses the writes that skip `save()` and so would skip the events."""
+
+    def _refuse(self, operation: str) -> EventEmissionRequired:
+        model = self.model.__name__
+        return EventEmissionRequired(
+            f"{model}.objects.{operation}() bypasses event emission. Load each "
+            f"{model}, call its domain method (which records the event), then save() it, "
+            f"or use the {model} service functions."
+        )
+
+    def update(self, **kwargs: Any) -> int:
+        raise self._refuse("update")
+
+    def bulk_create(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("bulk_create")
+
+    def bulk_update(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("bulk_update")
+
+    def delete(self) -> Any:
+        raise self._refuse("delete")
+
+    def update_or_create(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("update_or_create")
+
+
+class EventSourcedModel(models.Model):
+    """Base of a write model whose changes are recorded as domain events.
+
+    Domain methods change fields and `record()` events; `save()` writes the row
+    and appends the events to the store and the outbox in one transaction.
+    `version` is the aggregate's stream version; a writer holding a stale
+    instance fails with `ConcurrencyError` instead of silently winning.
+    """
+
+    aggregate_type: ClassVar[str] = ""
+
+    version = models.PositiveIntegerField(default=0, editable=False)
+
+    objects = EventSourcedQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_events: list[DomainEvent] = []
+
+    @property
+    def aggregate_id(self) -> str:
+        return str(self.pk)
+
+    def record(self, event: DomainEvent) -> None:
+        if event.aggregate_type != self.aggregate_type:
+            raise ValueError(
+                f"{type(event).__name__} belongs to {event.aggregate_type!r}, "
+                f"not {self.aggregate_type!r}"
+            )
+        self._pending_events.append(event)
+
+    @property
+    def pending_events(self) -> list[DomainEvent]:
+        return list(self._pending_events)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        from . import store
+
+        pending = self._pending_events
+        expected_version = self.version
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and pending:
+            kwargs["update_fields"] = {*update_fields, "version"}
+        with transaction.atomic():
+            self.version = expected_version + len(pending)
+            try:
+                super().save(*args, **kwargs)
+                if pending:
+                    store.append(
+                        aggregate_type=self.aggregate_type,
+                        aggregate_id=self.aggregate_id,
+                        expected_version=expected_version,
+                        events=pending,
+                    )
+            except BaseException:
+                self.version = expected_version
+                raise
+        self._pending_events = []
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise EventEmissionRequired(
+            f"{type(self).__name__}.delete() would remove an aggregate without an event; "
+            "record a domain event (cancel, retire, ...) instead."
+        )

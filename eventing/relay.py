@@ -1,0 +1,285 @@
+"""The relay: outbox rows -> RabbitMQ, with batched publisher confirms.
+
+Invariants:
+- Rows are claimed in a short transaction (FOR UPDATE SKIP LOCKED) that sets a
+  lease; no transaction is open while talking to the broker.
+- A row is deleted only after the broker confirmed every message made from it.
+  A crash between confirm and delete republishes the row after its lease ends:
+  consumers are idempotent, so that costs a duplicate, never a loss.
+- Several relays may run at once: SKIP LOCKED plus the lease keep them on
+  disjoint rows in the normal path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from .consumers import registry as consumer_registry
+from .publisher import ConfirmingPublisher, OutgoingMessage, PublishError
+
+logger = logging.getLogger(__name__)
+
+_publisher: ConfirmingPublisher | None = None
+
+
+def get_publisher() -> ConfirmingPublisher:
+    global _publisher
+    if _publisher is None:
+        from config.celery import app
+
+        _publisher = ConfirmingPublisher(
+            settings.CELERY_BROKER_URL, list(app.conf.task_queues or [])
+        )
+    return _publisher
+
+
+@dataclasses.dataclass
+class ClaimedRow:
+    outbox_id: int
+    consumer: str
+    attempts: int
+    envelope: dict[str, Any]
+
+
+@dataclasses.dataclass
+class RelayReport:
+    published_rows: int = 0
+    messages: int = 0
+    failed_rows: int = 0
+    batches: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+
+_CLAIM_SQL = """
+WITH claimable AS (
+    SELECT o.id FROM eventing_outboxmessage o
+    WHERE o.available_at <= now()
+      AND (o.claimed_until IS NULL OR o.claimed_until < now())
+    ORDER BY o.id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE eventing_outboxmessage o
+SET claimed_until = now() + make_interval(secs => %s), attempts = o.attempts + 1
+FROM claimable c, eventing_storedevent e
+WHERE o.id = c.id AND e.position = o.event_id
+RETURNING o.id, o.consumer, o.attempts, e.position, e.event_id, e.aggregate_type,
+          e.aggregate_id, e.version, e.event_type, e.schema_version, e.payload, e.source,
+          e.time, e.correlation_id, e.causation_id, e.traceparent, e.actor, e.chain_depth
+"""
+
+
+def claim_batch(limit: int, lease_seconds: float) -> list[ClaimedRow]:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_CLAIM_SQL, [limit, lease_seconds])
+        rows = cursor.fetchall()
+    claimed = []
+    for (
+        outbox_id,
+        consumer,
+        attempts,
+        position,
+        event_id,
+        agg_type,
+        agg_id,
+        version,
+        event_type,
+        schema_version,
+        payload,
+        source,
+        time_,
+        correlation_id,
+        causation_id,
+        traceparent,
+        actor,
+        chain_depth,
+    ) in rows:
+        envelope = {
+            "specversion": "1.0",
+            "id": str(event_id),
+            "source": source,
+            "type": event_type,
+            "subject": f"{agg_type}/{agg_id}",
+            "time": time_.isoformat(),
+            "datacontenttype": "application/json",
+            "dataschemaversion": schema_version,
+            "aggregatetype": agg_type,
+            "aggregateid": agg_id,
+            "aggregateversion": version,
+            "position": position,
+            "correlationid": correlation_id,
+            "causationid": causation_id,
+            "traceparent": traceparent,
+            "actor": actor,
+            "chaindepth": chain_depth,
+            "data": payload if not isinstance(payload, str) else _loads(payload),
+        }
+        claimed.append(ClaimedRow(outbox_id, consumer, attempts, envelope))
+    claimed.sort(key=lambda r: r.outbox_id)
+    return claimed
+
+
+def _loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def build_task_message(consumer: str, envelope: dict[str, Any], key: Any) -> OutgoingMessage:
+    """A Celery protocol-2 task message for `<consumer>.handle_event`."""
+    from config.celery import app
+
+    spec = consumer_registry.get(consumer)
+    task_id = str(uuid.uuid4())
+    label = (
+        f"{envelope['type']} {envelope['aggregatetype']}/{envelope['aggregateid']} "
+        f"v{envelope['aggregateversion']}"
+    )
+    message = app.amqp.as_task_v2(
+        task_id,
+        spec.task_name,
+        args=(envelope,),
+        kwargs={},
+        argsrepr=label,
+        kwargsrepr="{}",
+    )
+    return OutgoingMessage(
+        key=key,
+        routing_key=spec.queue_name,
+        body=message.body,
+        headers=message.headers,
+        properties={"correlation_id": task_id},
+    )
+
+
+def _messages_for(row: ClaimedRow) -> list[OutgoingMessage]:
+    if row.consumer:
+        targets = [row.consumer] if row.consumer in consumer_registry else []
+    else:
+        targets = consumer_registry.subscribers_of(row.envelope["type"])
+    return [build_task_message(name, row.envelope, row.outbox_id) for name in targets]
+
+
+def _retry_delay(attempts: int) -> float:
+    # Capped exponential backoff with full jitter: a broker outage does not
+    # turn every relay into a tight retry loop.
+    return random.uniform(0, min(30.0, 0.5 * 2 ** min(attempts, 10)))
+
+
+def _release_failed(failures: dict[int, str], attempts: dict[int, int]) -> None:
+    if not failures:
+        return
+    with connection.cursor() as cursor:
+        for outbox_id, error in failures.items():
+            cursor.execute(
+                "UPDATE eventing_outboxmessage SET claimed_until = NULL, last_error = %s, "
+                "available_at = now() + make_interval(secs => %s) WHERE id = %s",
+                [error[:2000], _retry_delay(attempts.get(outbox_id, 1)), outbox_id],
+            )
+
+
+def _delete_published(ids: list[int]) -> None:
+    if ids:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM eventing_outboxmessage WHERE id = ANY(%s)", [ids])
+
+
+def relay_batch(limit: int | None = None) -> RelayReport:
+    """Claim, publish and settle one batch."""
+    conf = settings.EVENTING
+    report = RelayReport()
+    rows = claim_batch(limit or conf["RELAY_BATCH_SIZE"], conf["RELAY_LEASE_SECONDS"])
+    if not rows:
+        return report
+    report.batches = 1
+    outgoing: list[OutgoingMessage] = []
+    per_row: dict[int, int] = {}
+    for row in rows:
+        messages = _messages_for(row)
+        per_row[row.outbox_id] = len(messages)
+        outgoing.extend(messages)
+    attempts = {row.outbox_id: row.attempts for row in rows}
+    try:
+        result = get_publisher().publish_batch(outgoing)
+    except PublishError as exc:
+        # Nothing of this batch is known delivered: every row waits and retries.
+        failures = {row.outbox_id: str(exc) for row in rows}
+        _release_failed(failures, attempts)
+        report.failed_rows = len(failures)
+        report.errors.append(str(exc))
+        logger.warning("relay: publishing %d rows failed: %s", len(rows), exc)
+        return report
+    failed_rows = dict(result.failed)
+    done = [
+        outbox_id
+        for outbox_id, expected in per_row.items()
+        if outbox_id not in failed_rows and (expected == 0 or outbox_id in result.confirmed)
+    ]
+    _delete_published(done)
+    _release_failed(failed_rows, attempts)
+    report.published_rows = len(done)
+    report.messages = len(outgoing) - len(failed_rows)
+    report.failed_rows = len(failed_rows)
+    report.errors.extend(sorted(set(failed_rows.values())))
+    if failed_rows:
+        logger.error("relay: %d rows not published: %s", len(failed_rows), report.errors)
+    return report
+
+
+def relay(max_seconds: float | None = None) -> RelayReport:
+    """Drain the outbox until empty, a failure, or the time budget is spent."""
+    budget = settings.EVENTING["RELAY_MAX_SECONDS"] if max_seconds is None else max_seconds
+    clear_wake()
+    total = RelayReport()
+    deadline = time.monotonic() + budget
+    limit = settings.EVENTING["RELAY_BATCH_SIZE"]
+    while True:
+        report = relay_batch(limit)
+        total.published_rows += report.published_rows
+        total.messages += report.messages
+        total.failed_rows += report.failed_rows
+        total.batches += report.batches
+        total.errors.extend(report.errors)
+        if report.batches == 0 or report.failed_rows or time.monotonic() >= deadline:
+            return total
+
+
+# -- wake-ups -----------------------------------------------------------------
+
+
+def clear_wake() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE eventing_relaywake SET requested = false WHERE id = 1 AND requested")
+
+
+def request_wake() -> None:
+    """Runs after a commit that appended events: ask for a relay run unless one
+    is already asked for (coalescing a burst of commits into one message)."""
+    try:
+        with connection.cursor() as cursor:
+            # An upsert, so a truncated table (test teardown) heals itself.
+            cursor.execute(
+                "INSERT INTO eventing_relaywake (id, requested) VALUES (1, true) "
+                "ON CONFLICT (id) DO UPDATE SET requested = true "
+                "WHERE NOT eventing_relaywake.requested"
+            )
+            first = cursor.rowcount == 1
+        if not first:
+            return
+        from .tasks import relay_task
+
+        relay_task.apply_async(queue=settings.EVENTING_RELAY_QUEUE, retry=False, expires=30)
+    except Exception:
+        logger.warning("relay wake-up not sent; the beat tick will publish", exc_info=True)
+        try:
+            clear_wake()
+        except Exception:
+            logger.debug("could not clear the wake flag", exc_info=True)

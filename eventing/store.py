@@ -1,0 +1,106 @@
+"""The append-only event store and the outbox writes that go with it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from . import context
+from .events import DomainEvent
+from .models import OutboxMessage, StoredEvent
+
+logger = logging.getLogger(__name__)
+
+
+class ConcurrencyError(RuntimeError):
+    """The stream moved past the version the writer read: reload and retry."""
+
+
+class ChainDepthExceeded(RuntimeError):
+    """A handler emitted an event deeper than the configured chain limit."""
+
+
+def append(
+    *,
+    aggregate_type: str,
+    aggregate_id: str,
+    expected_version: int,
+    events: Sequence[DomainEvent],
+) -> list[StoredEvent]:
+    """Append `events` to a stream and queue them in the outbox.
+
+    Must run inside the caller's transaction, the one that writes the
+    aggregate's row: the events exist iff that transaction commits.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("store.append() must run inside transaction.atomic()")
+    ctx = context.current()
+    max_depth = settings.EVENTING["MAX_CHAIN_DEPTH"]
+    if ctx.chain_depth > max_depth:
+        raise ChainDepthExceeded(
+            f"event chain depth {ctx.chain_depth} exceeds EVENTING MAX_CHAIN_DEPTH={max_depth}: "
+            f"a handler loop is emitting events without end (correlation {ctx.correlation_id})"
+        )
+    now = timezone.now()
+    correlation_id = ctx.correlation_id or context.new_correlation_id()
+    rows = [
+        StoredEvent(
+            event_id=uuid.uuid4(),
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            version=expected_version + offset,
+            event_type=event.name,
+            schema_version=event.version,
+            payload=event.to_payload(),
+            source=settings.EVENTING["SOURCE"],
+            time=now,
+            correlation_id=correlation_id,
+            causation_id=ctx.causation_id or "",
+            traceparent=ctx.traceparent,
+            actor=ctx.actor,
+            chain_depth=ctx.chain_depth,
+        )
+        for offset, event in enumerate(events, start=1)
+    ]
+    try:
+        StoredEvent.objects.bulk_create(rows)
+    except IntegrityError as exc:
+        if "event_stream_version" in str(exc):
+            raise ConcurrencyError(
+                f"{aggregate_type}/{aggregate_id} is past version {expected_version}: "
+                "another writer committed first; reload the aggregate and retry"
+            ) from exc
+        raise
+    OutboxMessage.objects.bulk_create([OutboxMessage(event=row, created_at=now) for row in rows])
+    schedule_relay_wake()
+    return rows
+
+
+def load_stream(
+    aggregate_type: str, aggregate_id: str, after_version: int = 0, up_to: int | None = None
+) -> list[StoredEvent]:
+    qs = StoredEvent.objects.filter(
+        aggregate_type=aggregate_type, aggregate_id=aggregate_id, version__gt=after_version
+    )
+    if up_to is not None:
+        qs = qs.filter(version__lte=up_to)
+    return list(qs.order_by("version"))
+
+
+def schedule_relay_wake() -> None:
+    """Wake the relay once the current transaction commits.
+
+    A hint only: losing it costs latency (the beat tick catches up), never data.
+    One callback per transaction, however many events it appended.
+    """
+    from .relay import request_wake
+
+    pending = getattr(connection, "run_on_commit", [])
+    if any(entry[1] is request_wake for entry in pending):
+        return
+    transaction.on_commit(request_wake)

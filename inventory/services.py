@@ -1,0 +1,107 @@
+"""Inventory writes. Each service is one transaction; events go with the rows."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.db import transaction
+
+from . import events
+from .models import Reservation, StockItem
+
+
+class InventoryError(ValueError):
+    """A request inventory cannot honour, stated for the caller."""
+
+
+def item_add(
+    *, sku: str, name: str, unit_price: Decimal, on_hand: int, low_stock_threshold: int = 0
+) -> StockItem:
+    with transaction.atomic():
+        if StockItem.objects.filter(sku=sku).exists():
+            raise InventoryError(f"item {sku} already exists")
+        item = StockItem(
+            sku=sku,
+            name=name,
+            unit_price=unit_price,
+            on_hand=on_hand,
+            low_stock_threshold=low_stock_threshold,
+        )
+        item.record(
+            events.StockItemAdded(
+                sku=sku,
+                item_name=name,
+                unit_price=str(unit_price),
+                on_hand=on_hand,
+                low_stock_threshold=low_stock_threshold,
+            )
+        )
+        item.save(force_insert=True)
+    return item
+
+
+def stock_receive(*, sku: str, quantity: int) -> StockItem:
+    if quantity <= 0:
+        raise InventoryError("quantity must be positive")
+    with transaction.atomic():
+        item = StockItem.objects.select_for_update().get(sku=sku)
+        item.on_hand += quantity
+        item.record(events.StockReceived(sku=sku, quantity=quantity, on_hand=item.on_hand))
+        item.save()
+    return item
+
+
+def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
+    """Reserve every line or none. No oversell under any concurrency: the
+    items are locked FOR UPDATE (in sku order, so two orders cannot deadlock)
+    and checked and changed in the same transaction."""
+    order_uuid = uuid.UUID(order_id)
+    with transaction.atomic():
+        existing = Reservation.objects.filter(order_id=order_uuid).first()
+        if existing is not None:
+            return existing
+        wanted: dict[str, int] = {}
+        for line in lines:
+            wanted[line["sku"]] = wanted.get(line["sku"], 0) + int(line["quantity"])
+        items = {
+            item.sku: item
+            for item in StockItem.objects.select_for_update().filter(sku__in=wanted).order_by("sku")
+        }
+        reasons = []
+        for sku, quantity in sorted(wanted.items()):
+            item = items.get(sku)
+            if item is None:
+                reasons.append(
+                    {"sku": sku, "requested": quantity, "available": 0, "reason": "unknown sku"}
+                )
+            elif item.available < quantity:
+                reasons.append(
+                    {
+                        "sku": sku,
+                        "requested": quantity,
+                        "available": item.available,
+                        "reason": "insufficient stock",
+                    }
+                )
+        reserved_lines = [{"sku": s, "quantity": q} for s, q in sorted(wanted.items())]
+        reservation = Reservation(order_id=order_uuid, lines=reserved_lines)
+        if reasons:
+            reservation.status = Reservation.Status.FAILED
+            reservation.record(events.StockReservationFailed(order_id=order_id, reasons=reasons))
+        else:
+            reservation.status = Reservation.Status.RESERVED
+            for sku, quantity in sorted(wanted.items()):
+                item = items[sku]
+                was_above = item.available >= item.low_stock_threshold
+                item.reserved += quantity
+                if was_above and item.available < item.low_stock_threshold:
+                    item.record(
+                        events.StockLow(
+                            sku=sku, available=item.available, threshold=item.low_stock_threshold
+                        )
+                    )
+                item.save(update_fields=["reserved"])
+            reservation.record(events.StockReserved(order_id=order_id, lines=reserved_lines))
+        reservation.save(force_insert=True)
+    return reservation

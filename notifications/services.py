@@ -1,0 +1,73 @@
+"""Recording and sending notifications."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.contrib.auth import get_user_model
+from django.core.mail import send_mail
+from django.db import transaction
+from django.utils import timezone
+
+from eventing.consumers import EventMeta, after_commit
+
+from .models import Notification
+
+
+def notification_record(
+    *,
+    meta: EventMeta,
+    kind: str,
+    customer_id: int | None,
+    subject: str,
+    body: str,
+    order_id: str | None = None,
+) -> Notification:
+    """Record the notification (idempotent per source event) and send it
+    after the handler's transaction commits; replay records without sending."""
+    notification, created = Notification.objects.get_or_create(
+        source_event_id=uuid.UUID(meta.event_id),
+        defaults={
+            "customer_id": customer_id,
+            "kind": kind,
+            "subject": subject,
+            "body": body,
+            "order_id": order_id,
+            # The event's time, not now(): a replay rebuilds the same row.
+            "created_at": meta.time,
+        },
+    )
+    if created:
+        from .tasks import send_notification
+
+        after_commit(lambda: send_notification.delay(notification.pk))
+    return notification
+
+
+def notification_send(*, notification_id: int) -> bool:
+    """Send once: the row lock and `sent_at` make a redelivered send a no-op.
+    Returns whether this call sent it."""
+    with transaction.atomic():
+        notification = Notification.objects.select_for_update().get(pk=notification_id)
+        if notification.sent_at is not None:
+            return False
+        recipients = _recipients(notification)
+        notification.send_attempts += 1
+        if recipients:
+            send_mail(notification.subject, notification.body, None, recipients)
+        notification.sent_at = timezone.now()
+        notification.last_error = ""
+        notification.save(update_fields=["sent_at", "send_attempts", "last_error"])
+    return True
+
+
+def _recipients(notification: Notification) -> list[str]:
+    user_model = get_user_model()
+    if notification.customer_id is None:
+        return list(
+            user_model.objects.filter(is_staff=True, is_active=True)
+            .exclude(email="")
+            .values_list("email", flat=True)
+        )
+    email = user_model.objects.filter(pk=notification.customer_id).values_list("email", flat=True)
+    return [e for e in email if e]

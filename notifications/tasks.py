@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from eventing.consumers import consumer_task
+
+from . import services
+
+handle_event = consumer_task("notifications")
+
+
+@shared_task(
+    name="notifications.send",
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+    max_retries=8,
+)
+def send_notification(self: Any, notification_id: int) -> None:
+    # The record already exists; a failed send is retried with backoff and can
+    # never create a second record.
+    try:
+        services.notification_send(notification_id=notification_id)
+    except Exception as exc:
+        raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc

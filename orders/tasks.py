@@ -1,0 +1,3 @@
+from eventing.consumers import consumer_task
+
+handle_event = consumer_task("orders")
