@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from eventing.models import OutboxMessage
+
+from .support import Worker, purge_queues, queue_depths, wait_for
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = Path(__file__).resolve().parent.parent / "test-artifacts"
+    (path / "mail").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def celery_worker(
+    django_db_setup: None, django_db_blocker: pytest.FixtureRequest, artifacts_dir: Path
+) -> Iterator[Worker]:
+    """One real Celery worker for the session, on the test database and the
+    test-prefixed queues (all four: orders, inventory, notifications, relay)."""
+    with django_db_blocker.unblock():
+        database_name = connection.settings_dict["NAME"]
+    purge_queues()
+    worker = Worker(database_name, artifacts_dir / "worker.log")
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+def wait_until_quiet(worker: Worker, timeout: float = 60.0) -> None:
+    """The flow has settled: nothing in the outbox, on the queues, or in the worker."""
+
+    def quiet() -> bool:
+        if OutboxMessage.objects.exists():
+            return False
+        if any(queue_depths().values()):
+            return False
+        return not worker.busy()
+
+    wait_for(quiet, timeout=timeout, interval=0.2, what="the event flow to settle")
+
+
+@pytest.fixture
+def live(transactional_db: None, celery_worker: Worker) -> Iterator[Worker]:
+    """The real flow: committed rows, a real worker, the relay woken on commit.
+
+    Waits for the flow to settle before the database is flushed, so one test's
+    messages never land in the next test's tables.
+    """
+    yield celery_worker
+    if celery_worker.proc is None or celery_worker.proc.poll() is not None:
+        celery_worker.start()
+    wait_until_quiet(celery_worker)
