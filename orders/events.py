@@ -4,19 +4,28 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from eventing.events import DomainEvent, event
+from eventing.events import DomainEvent, Payload, event, upcaster
 
 ORDER = "orders.Order"
 
 
 @event
 class OrderPlaced(DomainEvent):
+    """v2 added `currency` (v1 orders were all in EUR)."""
+
     name: ClassVar[str] = "orders.OrderPlaced"
+    version: ClassVar[int] = 2
     aggregate_type: ClassVar[str] = ORDER
     order_id: str
     customer_id: int
     lines: list  # [{"sku": str, "quantity": int, "unit_price": str}]
     total: str
+    currency: str
+
+
+@upcaster(OrderPlaced, from_version=1)
+def _order_placed_v1_to_v2(payload: Payload) -> Payload:
+    return {**payload, "currency": "EUR"}
 
 
 @event

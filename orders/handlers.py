@@ -1,13 +1,21 @@
-"""What orders does when inventory's events arrive."""
+"""What orders does when events arrive: drive the order through the saga
+(inventory's answers) and project the order summary read model."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
 from eventing.consumers import EventMeta, subscribe
-from inventory.events import StockItemAdded, StockReservationFailed, StockReserved
+from inventory.events import (
+    StockCommitted,
+    StockItemAdded,
+    StockReleased,
+    StockReservationFailed,
+    StockReserved,
+)
 
-from . import services
+from . import read_models, services
+from .events import OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, OrderShipped
 from .models import Order
 
 
@@ -18,17 +26,72 @@ def add_to_catalog(event: StockItemAdded, meta: EventMeta) -> None:
     )
 
 
+# -- the saga: inventory's answers move the order ---------------------------------
+
+
 @subscribe(StockReserved)
 def confirm_order(event: StockReserved, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id)
+    if meta.replaying:
+        return  # replay rebuilds read models; it never re-issues commands
     order = Order.objects.get(pk=event.order_id)
-    # A customer may cancel before inventory answers; the reservation is then
-    # released by inventory on OrderCancelled, and there is nothing to confirm.
+    # A customer may cancel before inventory answers; inventory then releases
+    # the reservation on OrderCancelled, and there is nothing to confirm.
     if order.status == Order.Status.PENDING:
         services.order_confirm(order_id=event.order_id)
 
 
 @subscribe(StockReservationFailed)
 def reject_order(event: StockReservationFailed, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id, detail={"reasons": event.reasons})
+    if meta.replaying:
+        return
     order = Order.objects.get(pk=event.order_id)
     if order.status == Order.Status.PENDING:
         services.order_reject(order_id=event.order_id, reasons=event.reasons)
+
+
+@subscribe(StockReleased)
+def stock_released(event: StockReleased, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id)
+
+
+@subscribe(StockCommitted)
+def stock_committed(event: StockCommitted, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id)
+
+
+# -- the order summary read model ---------------------------------------------------
+
+
+@subscribe(OrderPlaced)
+def summary_placed(event: OrderPlaced, meta: EventMeta) -> None:
+    read_models.summary_placed(
+        meta=meta,
+        order_id=event.order_id,
+        customer_id=event.customer_id,
+        lines=event.lines,
+        total=event.total,
+    )
+
+
+@subscribe(OrderConfirmed)
+def summary_confirmed(event: OrderConfirmed, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id, status="CONFIRMED")
+
+
+@subscribe(OrderRejected)
+def summary_rejected(event: OrderRejected, meta: EventMeta) -> None:
+    read_models.summary_touch(
+        meta=meta, order_id=event.order_id, status="REJECTED", detail={"reasons": event.reasons}
+    )
+
+
+@subscribe(OrderCancelled)
+def summary_cancelled(event: OrderCancelled, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id, status="CANCELLED")
+
+
+@subscribe(OrderShipped)
+def summary_shipped(event: OrderShipped, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id, status="SHIPPED")

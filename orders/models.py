@@ -10,6 +10,8 @@ from eventing.models import EventSourcedModel
 
 from . import events
 
+CURRENCY = "EUR"
+
 
 class InvalidTransition(Exception):
     """The order's state does not allow this command (HTTP 409)."""
@@ -52,7 +54,11 @@ class Order(EventSourcedModel):
         order = cls(customer_id=customer_id, lines=lines, total=total)
         order.record(
             events.OrderPlaced(
-                order_id=str(order.id), customer_id=customer_id, lines=lines, total=str(total)
+                order_id=str(order.id),
+                customer_id=customer_id,
+                lines=lines,
+                total=str(total),
+                currency=CURRENCY,
             )
         )
         return order
@@ -104,3 +110,25 @@ class CatalogItem(models.Model):
 
     def __str__(self) -> str:
         return self.sku
+
+
+class OrderSummary(models.Model):
+    """Read model (CQRS): what a customer sees of an order, built only from
+    events. `timeline` holds every event that touched the order, from orders
+    and inventory alike, kept sorted by global position so that any
+    interleaving of lanes (live or replay) yields the same list."""
+
+    order_id = models.UUIDField(primary_key=True)
+    customer_id = models.IntegerField(db_index=True)
+    status = models.CharField(max_length=12)
+    lines = models.JSONField(default=list)
+    total = models.DecimalField(max_digits=14, decimal_places=2)
+    timeline = models.JSONField(default=list)
+    placed_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-placed_at"]
+
+    def __str__(self) -> str:
+        return f"summary {self.order_id} ({self.status})"

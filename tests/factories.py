@@ -29,9 +29,14 @@ class UserFactory(factory.django.DjangoModelFactory):
             self.save()
 
 
-def stock_item(sku: str = "SKU-1", *, on_hand: int = 10, price: str = "5.00", threshold: int = 0) -> StockItem:
+def stock_item(
+    sku: str = "SKU-1", *, on_hand: int = 10, price: str = "5.00", threshold: int = 0
+) -> StockItem:
     return inventory_services.item_add(
-        sku=sku, name=f"Item {sku}", unit_price=Decimal(price), on_hand=on_hand,
+        sku=sku,
+        name=f"Item {sku}",
+        unit_price=Decimal(price),
+        on_hand=on_hand,
         low_stock_threshold=threshold,
     )
 

@@ -30,7 +30,9 @@ def wait_for(
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}"
+    )
 
 
 def queue_name(name: str) -> str:
@@ -97,9 +99,22 @@ class Worker:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the subprocess
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "config", "worker",
-                "-Q", queues, "-c", str(self.concurrency), "-n", self.name,
-                "--without-gossip", "--without-mingle", "-l", "info",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                str(self.concurrency),
+                "-n",
+                self.name,
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "info",
             ],
             cwd=ROOT,
             env=self.env(),

@@ -50,8 +50,9 @@ def test_order_placed_over_http_is_confirmed_and_reserves_stock(live: object) ->
     item = StockItem.objects.get(sku="SKU-MUG")
     assert (item.on_hand, item.reserved, item.available) == (10, 3, 7)
     types = list(
-        StoredEvent.objects.filter(correlation_id=StoredEvent.objects.get(
-            event_type="orders.OrderPlaced").correlation_id).values_list("event_type", flat=True)
+        StoredEvent.objects.filter(
+            correlation_id=StoredEvent.objects.get(event_type="orders.OrderPlaced").correlation_id
+        ).values_list("event_type", flat=True)
     )
     assert types == ["orders.OrderPlaced", "inventory.StockReserved", "orders.OrderConfirmed"]
 

@@ -164,8 +164,8 @@ class Stack:
         Returns what was still alive after the graceful deadline, so the test can
         insist a plain stop leaves nothing behind.
         """
+        self.track()
         if self.process.poll() is None:
-            self.track()
             os.killpg(self.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + SHUTDOWN_SECONDS
         while time.monotonic() < deadline and (self.process.poll() is None or self.survivors()):
@@ -179,6 +179,15 @@ class Stack:
         while self.survivors() and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
         return left_behind
+
+
+def suite_only(name: str) -> bool:
+    """Variables the suite's settings export (DEBUG, fast retries...): not for the stack.
+
+    The processes must run as `make run` runs them, with DEBUG off and the real
+    eventing tuning, not with what config.test_settings put into os.environ.
+    """
+    return name in {"DEBUG", "EMAIL_BACKEND"} or name.startswith("EVENTING_")
 
 
 @pytest.fixture
@@ -195,7 +204,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "PYTHONUNBUFFERED": "1",
     }
-    env = {key: value for key, value in os.environ.items() if key != "DEBUG"}
+    env = {key: value for key, value in os.environ.items() if not suite_only(key)}
     env.update(overrides)
     # honcho lets its env file override the real environment; pointing it at this
     # file instead of .env keeps .env's FLOWER_BASIC_AUTH & co. from replacing ours.

@@ -1,0 +1,61 @@
+"""Projections of orders' read models. Pure functions of the events: the live
+path and replay run the same code, so replay rebuilds the same rows."""
+
+from __future__ import annotations
+
+import bisect
+from decimal import Decimal
+
+from eventing.consumers import EventMeta
+
+from .models import OrderSummary
+
+
+def timeline_entry(meta: EventMeta, detail: dict | None = None) -> dict:
+    return {
+        "position": meta.position,
+        "type": meta.event_type,
+        "aggregate": f"{meta.aggregate_type}/{meta.aggregate_id}",
+        "version": meta.version,
+        "time": meta.time.isoformat(),
+        "event_id": meta.event_id,
+        **({"detail": detail} if detail else {}),
+    }
+
+
+def summary_placed(
+    *, meta: EventMeta, order_id: str, customer_id: int, lines: list, total: str
+) -> None:
+    summary_touch(meta=meta, order_id=order_id, status="PENDING")
+    OrderSummary.objects.filter(order_id=order_id).update(
+        customer_id=customer_id, lines=lines, total=Decimal(total), placed_at=meta.time
+    )
+
+
+def summary_touch(
+    *, meta: EventMeta, order_id: str, status: str | None = None, detail: dict | None = None
+) -> None:
+    """Add the event to the order's timeline (once: keyed by position) and set
+    the status when the event changes it."""
+    summary = OrderSummary.objects.select_for_update().filter(order_id=order_id).first()
+    if summary is None:
+        # Inventory's lane may run ahead of the order's own lane, so the first
+        # event to arrive creates the row; OrderPlaced fills in the rest.
+        summary = OrderSummary(
+            order_id=order_id,
+            customer_id=0,
+            status="",
+            lines=[],
+            total=Decimal(0),
+            timeline=[],
+            placed_at=meta.time,
+            updated_at=meta.time,
+        )
+    positions = [entry["position"] for entry in summary.timeline]
+    if meta.position not in positions:
+        index = bisect.bisect(positions, meta.position)
+        summary.timeline.insert(index, timeline_entry(meta, detail))
+    if status is not None:
+        summary.status = status
+    summary.updated_at = max(summary.updated_at, meta.time)
+    summary.save()

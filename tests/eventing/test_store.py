@@ -1,0 +1,166 @@
+"""The event store: atomic with the row, versioned streams, immutable in the
+database, and no write path that skips the events."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from django.db import DatabaseError, connection, connections, transaction
+
+from eventing.models import EventEmissionRequired, OutboxMessage, StoredEvent
+from eventing.store import ConcurrencyError
+from orders.models import Order
+from orders.services import order_place
+
+from ..factories import UserFactory, stock_item
+from ..support import wait_for
+
+CLOUDEVENTS_ATTRIBUTES = {"id", "source", "type", "specversion", "time", "subject"}
+
+
+@pytest.fixture
+def placed_order(db: None) -> Order:
+    from orders.models import CatalogItem
+
+    CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
+    customer = UserFactory()
+    return order_place(customer_id=customer.pk, lines=[{"sku": "SKU-1", "quantity": 2}])
+
+
+def test_save_records_event_and_outbox_row_with_the_order(placed_order: Order) -> None:
+    event = StoredEvent.objects.get(aggregate_id=str(placed_order.pk))
+    assert (event.event_type, event.version, event.schema_version) == ("orders.OrderPlaced", 1, 2)
+    assert event.payload["total"] == "5.00"
+    assert OutboxMessage.objects.filter(event=event).count() == 1
+    assert placed_order.version == 1
+
+
+def test_envelope_carries_cloudevents_and_tracing_attributes(placed_order: Order) -> None:
+    envelope = StoredEvent.objects.get(aggregate_id=str(placed_order.pk)).envelope()
+    assert CLOUDEVENTS_ATTRIBUTES <= envelope.keys()
+    assert envelope["specversion"] == "1.0"
+    assert envelope["subject"] == f"orders.Order/{placed_order.pk}"
+    for key in (
+        "dataschemaversion",
+        "correlationid",
+        "causationid",
+        "traceparent",
+        "actor",
+        "aggregatetype",
+        "aggregateid",
+        "aggregateversion",
+        "position",
+    ):
+        assert key in envelope
+    assert envelope["actor"] == f"user:{placed_order.customer_id}"
+    uuid.UUID(envelope["correlationid"])
+
+
+def test_stale_expected_version_raises_and_stream_keeps_1_to_n(placed_order: Order) -> None:
+    first = Order.objects.get(pk=placed_order.pk)
+    stale = Order.objects.get(pk=placed_order.pk)
+    first.confirm()
+    first.save()
+
+    stale.cancel("too late")
+    with pytest.raises(ConcurrencyError, match="another writer committed first"):
+        stale.save()
+
+    versions = list(
+        StoredEvent.objects.filter(aggregate_id=str(placed_order.pk)).values_list(
+            "version", flat=True
+        )
+    )
+    assert versions == [1, 2]
+    assert Order.objects.get(pk=placed_order.pk).status == "CONFIRMED"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_one_wins_each_version() -> None:
+    """Eight threads race to append to one stream from the same stale version:
+    exactly one wins, the rest get ConcurrencyError, no gap, no duplicate."""
+    from orders.models import CatalogItem
+
+    CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
+    order = order_place(customer_id=UserFactory().pk, lines=[{"sku": "SKU-1", "quantity": 1}])
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def writer() -> None:
+        try:
+            mine = Order.objects.get(pk=order.pk)
+            mine.confirm()
+            barrier.wait(timeout=10)
+            mine.save()
+            outcomes.append("won")
+        except ConcurrencyError:
+            outcomes.append("conflict")
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert sorted(outcomes) == ["conflict"] * 7 + ["won"]
+    versions = list(
+        StoredEvent.objects.filter(aggregate_id=str(order.pk)).values_list("version", flat=True)
+    )
+    assert versions == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE eventing_storedevent SET payload = '{}'::jsonb",
+        "DELETE FROM eventing_storedevent",
+    ],
+)
+def test_database_refuses_changes_to_stored_events(placed_order: Order, statement: str) -> None:
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    assert StoredEvent.objects.filter(aggregate_id=str(placed_order.pk)).count() == 1
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda: Order.objects.filter(status="PENDING").update(status="SHIPPED"),
+        lambda: Order.objects.bulk_create([Order(customer_id=1)]),
+        lambda: Order.objects.bulk_update(list(Order.objects.all()), ["status"]),
+        lambda: Order.objects.all().delete(),
+        lambda: Order.objects.first().delete(),
+    ],
+    ids=["update", "bulk_create", "bulk_update", "queryset_delete", "instance_delete"],
+)
+def test_bulk_writes_that_skip_events_are_refused(placed_order: Order, write: object) -> None:
+    with pytest.raises(EventEmissionRequired, match="domain method|record a domain event"):
+        write()  # type: ignore[operator]
+    assert Order.objects.get(pk=placed_order.pk).status == "PENDING"
+
+
+def test_admin_action_emits_like_any_other_path(admin_client: object, placed_order: Order) -> None:
+    response = admin_client.post(  # type: ignore[attr-defined]
+        "/admin/orders/order/",
+        {"action": "cancel_selected", "_selected_action": [str(placed_order.pk)]},
+    )
+    assert response.status_code == 302
+    assert Order.objects.get(pk=placed_order.pk).status == "CANCELLED"
+    cancelled = StoredEvent.objects.get(aggregate_id=str(placed_order.pk), version=2)
+    assert cancelled.event_type == "orders.OrderCancelled"
+    assert cancelled.actor.startswith("user:")
+
+
+def test_wait_for_fails_loudly_at_its_deadline() -> None:
+    with pytest.raises(AssertionError, match="timed out after 0.1s waiting for nothing"):
+        wait_for(lambda: False, timeout=0.1, what="nothing")
+
+
+def test_stock_item_factory_records_its_event(db: None) -> None:
+    stock_item("SKU-Z", on_hand=3)
+    assert StoredEvent.objects.filter(event_type="inventory.StockItemAdded").count() == 1
