@@ -48,7 +48,7 @@ def queue_depths(names: tuple[str, ...] = APP_QUEUES) -> dict[str, int]:
             full = queue_name(name)
             try:
                 _, count, _ = channel.queue_declare(full, passive=True)
-            except Exception:  # noqa: BLE001 - queue not declared yet
+            except Exception:
                 channel = conn.channel()
                 count = 0
             depths[name] = count
@@ -96,7 +96,7 @@ class Worker:
 
     def start(self) -> None:
         queues = ",".join(queue_name(n) for n in APP_QUEUES)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the subprocess
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
