@@ -184,3 +184,5 @@ EVENTING = {
 # A test-only switch: when set to a consumer name, that consumer's handlers
 # raise, so a person can watch a dead letter being made and redriven.
 EVENTING_FAIL_CONSUMER = env.str("EVENTING_FAIL_CONSUMER", default="")
+# ...optionally only for one aggregate id, so the other lanes keep flowing.
+EVENTING_FAIL_AGGREGATE = env.str("EVENTING_FAIL_AGGREGATE", default="")

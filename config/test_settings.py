@@ -15,6 +15,6 @@ os.environ.setdefault("EVENTING_MAX_ATTEMPTS", "3")
 os.environ.setdefault("EVENTING_RELAY_LEASE_SECONDS", "5")
 os.environ.setdefault("EMAIL_BACKEND", "django.core.mail.backends.locmem.EmailBackend")
 
-from .settings import *  # noqa: E402,F403
+from .settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -34,6 +34,7 @@ from . import context
 from .events import DomainEvent, UnknownEventType, UnknownEventVersion
 from .events import registry as event_registry
 from .models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
+from .store import ChainDepthExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class HandlerFailed(Exception):
         self.event = event
         self.error = error
         self.permanent = isinstance(
-            error, PermanentFailure | UnknownEventType | UnknownEventVersion
+            error, PermanentFailure | UnknownEventType | UnknownEventVersion | ChainDepthExceeded
         )
         self.traceback = "".join(tb.format_exception(error))
 
@@ -216,10 +217,18 @@ def lock_checkpoint(consumer: str, aggregate_type: str, aggregate_id: str) -> Ch
 def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False) -> None:
     """Run the consumer's handlers for one stored event. Caller holds the
     transaction (and, on the live path, the checkpoint lock)."""
+    if row.event_type not in event_registry:
+        # Not merely "not subscribed": this process has never heard of the
+        # type (a newer producer?). Skipping it could lose an effect a later
+        # deploy would have applied, so it parks the lane instead.
+        raise HandlerFailed(row, PermanentFailure(f"unknown event type {row.event_type!r}"))
     handlers = spec.handlers.get(row.event_type)
     if not handlers:
         return
     fail_switch = getattr(settings, "EVENTING_FAIL_CONSUMER", "")
+    fail_only = getattr(settings, "EVENTING_FAIL_AGGREGATE", "")
+    if fail_only and fail_only != row.aggregate_id:
+        fail_switch = ""
     try:
         event = event_registry.decode(row.event_type, row.schema_version, row.payload)
     except (UnknownEventType, UnknownEventVersion, ValueError, TypeError) as exc:

@@ -105,3 +105,39 @@ def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
             reservation.record(events.StockReserved(order_id=order_id, lines=reserved_lines))
         reservation.save(force_insert=True)
     return reservation
+
+
+def _settle_reservation(*, order_id: str, commit: bool) -> Reservation | None:
+    """Release (cancel) or commit (ship) a reservation; a no-op when there is
+    nothing reserved, e.g. the order was rejected or already released."""
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().filter(order_id=order_id).first()
+        if reservation is None or reservation.status != Reservation.Status.RESERVED:
+            return reservation
+        skus = sorted(line["sku"] for line in reservation.lines)
+        items = {
+            item.sku: item
+            for item in StockItem.objects.select_for_update().filter(sku__in=skus).order_by("sku")
+        }
+        for line in reservation.lines:
+            item = items[line["sku"]]
+            item.reserved -= line["quantity"]
+            if commit:
+                item.on_hand -= line["quantity"]
+            item.save(update_fields=["reserved", "on_hand"])
+        if commit:
+            reservation.status = Reservation.Status.COMMITTED
+            reservation.record(events.StockCommitted(order_id=order_id, lines=reservation.lines))
+        else:
+            reservation.status = Reservation.Status.RELEASED
+            reservation.record(events.StockReleased(order_id=order_id, lines=reservation.lines))
+        reservation.save()
+    return reservation
+
+
+def reservation_release(*, order_id: str) -> Reservation | None:
+    return _settle_reservation(order_id=order_id, commit=False)
+
+
+def reservation_commit(*, order_id: str) -> Reservation | None:
+    return _settle_reservation(order_id=order_id, commit=True)
