@@ -54,6 +54,8 @@ def live(transactional_db: None, celery_worker: Worker) -> Iterator[Worker]:
     messages never land in the next test's tables.
     """
     yield celery_worker
-    if celery_worker.proc is None or celery_worker.proc.poll() is not None:
+    if celery_worker.extra_env:
+        celery_worker.restart()  # back to the default configuration
+    elif celery_worker.proc is None or celery_worker.proc.poll() is not None:
         celery_worker.start()
     wait_until_quiet(celery_worker)

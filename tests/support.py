@@ -75,6 +75,7 @@ class Worker:
         self.concurrency = concurrency
         self.name = f"testworker-{os.getpid()}@localhost"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
         db = settings.DATABASES["default"]
@@ -92,7 +93,15 @@ class Worker:
                 "EMAIL_FILE_PATH": str(self.log_path.parent / "mail"),
             }
         )
+        env.update(self.extra_env)
         return env
+
+    def restart(self, **extra_env: str) -> None:
+        """Stop (warm shutdown) and start again with `extra_env` set, as a
+        deploy with a different configuration would."""
+        self.stop()
+        self.extra_env = dict(extra_env)
+        self.start()
 
     def start(self) -> None:
         queues = ",".join(queue_name(n) for n in APP_QUEUES)
