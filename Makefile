@@ -46,7 +46,7 @@ $(STAMP): $(REQUIREMENTS) | $(VENV)/bin/python
 services:
 	@$(STDLIB_PYTHON) scripts/check_services.py
 
-setup: venv services
+setup: services venv
 	$(PYTHON) scripts/bootstrap_env.py
 	$(PYTHON) scripts/ensure_database.py
 	$(PYTHON) manage.py migrate --noinput

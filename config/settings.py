@@ -145,6 +145,7 @@ CELERY_TASK_CREATE_MISSING_QUEUES = False
 CELERY_TASK_ROUTES = {
     "eventing.relay": {"queue": EVENTING_RELAY_QUEUE},
     "notifications.send": {"queue": f"{EVENTING_QUEUE_PREFIX}notifications"},
+    "notifications.send_unsent": {"queue": f"{EVENTING_QUEUE_PREFIX}notifications"},
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -161,6 +162,11 @@ CELERY_BEAT_SCHEDULE = {
     # The safety net: whatever the on-commit wake-ups missed is published
     # within a second. Doubled beats are harmless (rows are claimed with
     # SKIP LOCKED and leased), so no singleton is needed.
+    "notifications-send-unsent": {  # the unsent-email sweep
+        "task": "notifications.send_unsent",
+        "schedule": 30.0,
+        "options": {"queue": f"{EVENTING_QUEUE_PREFIX}notifications", "expires": 25},
+    },
     "relay-outbox": {
         "task": "eventing.relay",
         "schedule": env.float("EVENTING_RELAY_INTERVAL", default=1.0),

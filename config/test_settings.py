@@ -18,3 +18,10 @@ os.environ.setdefault("EMAIL_BACKEND", "django.core.mail.backends.locmem.EmailBa
 from .settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Two test sessions on one machine (two developers, or CI beside a developer)
+# must not share a test database or queues: set TEST_DATABASE_NAME and
+# EVENTING_QUEUE_PREFIX per session.
+DATABASES["default"]["TEST"] = {  # noqa: F405
+    "NAME": os.environ.get("TEST_DATABASE_NAME", "test_eventflow"),
+}

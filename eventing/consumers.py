@@ -64,8 +64,8 @@ Handler = Callable[[Any, EventMeta], None]
 class HandlerSpec:
     event_name: str
     func: Handler
-    # Declares effects that leave the database (email, HTTP): replay skips
-    # them, and the handler must defer them with `after_commit()`.
+    # Declares effects that leave the database (email, HTTP). They must go
+    # through `after_commit()`, which replay turns into a no-op.
     side_effects: bool = False
 
     @property
@@ -145,11 +145,20 @@ def subscribe(
 
 
 def after_commit(func: Callable[[], None]) -> None:
-    """Defer an outside effect until the handler's transaction commits.
+    """Run an outside effect (email, HTTP) once the current transaction commits.
 
-    Replay never runs it: a rebuilt read model must not resend an email.
+    Inside a handler, only one declared with `side_effects=True` may call it,
+    so `eventing_topology` shows every handler that leaves the database. Replay
+    runs such handlers for their database writes and drops these effects: a
+    rebuilt read model never resends an email.
     """
-    if context.current().replaying:
+    ctx = context.current()
+    if ctx.in_handler and not ctx.side_effects:
+        raise RuntimeError(
+            "after_commit() called from a handler not declared with "
+            "@subscribe(..., side_effects=True)"
+        )
+    if ctx.replaying:
         return
     transaction.on_commit(func)
 
@@ -256,8 +265,6 @@ def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False
         replaying=replaying,
     ):
         for handler in handlers:
-            if replaying and handler.side_effects:
-                continue
             try:
                 if fail_switch and fail_switch == spec.name:
                     raise RuntimeError(
@@ -265,7 +272,10 @@ def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False
                     )
                 # A savepoint per handler keeps a failing handler from leaving
                 # the transaction aborted under the checkpoint update.
-                with transaction.atomic():
+                with (
+                    transaction.atomic(),
+                    context.scope(in_handler=True, side_effects=handler.side_effects),
+                ):
                     handler.func(event, meta)
             except HandlerFailed:
                 raise

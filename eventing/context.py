@@ -24,6 +24,9 @@ class EventContext:
     chain_depth: int = 0
     # True while `replay_events` runs handlers: outside effects are skipped.
     replaying: bool = False
+    # Set while a handler runs; `side_effects` mirrors its declaration.
+    in_handler: bool = False
+    side_effects: bool = False
 
 
 _current: contextvars.ContextVar[EventContext] = contextvars.ContextVar(

@@ -160,9 +160,17 @@ def build_task_message(consumer: str, envelope: dict[str, Any], key: Any) -> Out
     )
 
 
+class UnknownConsumer(LookupError):
+    pass
+
+
 def _messages_for(row: ClaimedRow) -> list[OutgoingMessage]:
     if row.consumer:
-        targets = [row.consumer] if row.consumer in consumer_registry else []
+        if row.consumer not in consumer_registry:
+            # A redrive for a consumer this process does not know: keep the
+            # row (with the error shown in the admin) rather than drop it.
+            raise UnknownConsumer(f"outbox row targets unknown consumer {row.consumer!r}")
+        targets = [row.consumer]
     else:
         targets = consumer_registry.subscribers_of(row.envelope["type"])
     return [build_task_message(name, row.envelope, row.outbox_id) for name in targets]
@@ -202,8 +210,13 @@ def relay_batch(limit: int | None = None) -> RelayReport:
     report.batches = 1
     outgoing: list[OutgoingMessage] = []
     per_row: dict[int, int] = {}
+    unpublishable: dict[int, str] = {}
     for row in rows:
-        messages = _messages_for(row)
+        try:
+            messages = _messages_for(row)
+        except UnknownConsumer as exc:
+            unpublishable[row.outbox_id] = str(exc)
+            continue
         per_row[row.outbox_id] = len(messages)
         outgoing.extend(messages)
     attempts = {row.outbox_id: row.attempts for row in rows}
@@ -211,13 +224,13 @@ def relay_batch(limit: int | None = None) -> RelayReport:
         result = get_publisher().publish_batch(outgoing)
     except PublishError as exc:
         # Nothing of this batch is known delivered: every row waits and retries.
-        failures = {row.outbox_id: str(exc) for row in rows}
+        failures = {**unpublishable, **{row.outbox_id: str(exc) for row in rows}}
         _release_failed(failures, attempts)
         report.failed_rows = len(failures)
         report.errors.append(str(exc))
         logger.warning("relay: publishing %d rows failed: %s", len(rows), exc)
         return report
-    failed_rows = dict(result.failed)
+    failed_rows = {**unpublishable, **result.failed}
     done = [
         outbox_id
         for outbox_id, expected in per_row.items()
@@ -226,7 +239,7 @@ def relay_batch(limit: int | None = None) -> RelayReport:
     _delete_published(done)
     _release_failed(failed_rows, attempts)
     report.published_rows = len(done)
-    report.messages = len(outgoing) - len(failed_rows)
+    report.messages = sum(per_row[outbox_id] for outbox_id in done)
     report.failed_rows = len(failed_rows)
     report.errors.extend(sorted(set(failed_rows.values())))
     if failed_rows:

@@ -32,6 +32,9 @@ class Notification(models.Model):
     body = models.TextField()
     order_id = models.UUIDField(null=True, blank=True, db_index=True)
     created_at = models.DateTimeField()
+    # When this row was written (not the event's time): the unsent sweep
+    # leaves fresh rows to their after-commit send.
+    recorded_at = models.DateTimeField(auto_now_add=True, db_index=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     send_attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")

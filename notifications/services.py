@@ -35,6 +35,9 @@ def notification_record(
             "order_id": order_id,
             # The event's time, not now(): a replay rebuilds the same row.
             "created_at": meta.time,
+            # Replay rebuilds the inbox but never sends: what it records
+            # counts as delivered by the live path.
+            "sent_at": meta.time if meta.replaying else None,
         },
     )
     if created:
@@ -59,6 +62,17 @@ def notification_send(*, notification_id: int) -> bool:
         notification.last_error = ""
         notification.save(update_fields=["sent_at", "send_attempts", "last_error"])
     return True
+
+
+def notifications_unsent(*, older_than_seconds: float) -> list[int]:
+    """Recorded but not sent: the after-commit hook was lost (a crash right
+    after commit) or every retry failed. The sweep sends these."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_seconds)
+    return list(
+        Notification.objects.filter(sent_at__isnull=True, recorded_at__lt=cutoff)
+        .order_by("pk")
+        .values_list("pk", flat=True)[:500]
+    )
 
 
 def _recipients(notification: Notification) -> list[str]:

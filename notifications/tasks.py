@@ -11,6 +11,15 @@ from . import services
 handle_event = consumer_task("notifications")
 
 
+@shared_task(name="notifications.send_unsent", ignore_result=True)
+def send_unsent() -> int:
+    """Beat's sweep: on_commit is a hint, not a delivery guarantee."""
+    unsent = services.notifications_unsent(older_than_seconds=30)
+    for notification_id in unsent:
+        send_notification.delay(notification_id)
+    return len(unsent)
+
+
 @shared_task(
     name="notifications.send",
     bind=True,

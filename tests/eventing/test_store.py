@@ -77,10 +77,12 @@ def test_stale_expected_version_raises_and_stream_keeps_1_to_n(placed_order: Ord
     assert Order.objects.get(pk=placed_order.pk).status == "CONFIRMED"
 
 
-@pytest.mark.django_db(transaction=True)
-def test_concurrent_writers_one_wins_each_version() -> None:
+def test_concurrent_writers_one_wins_each_version(live: object) -> None:
     """Eight threads race to append to one stream from the same stale version:
-    exactly one wins, the rest get ConcurrencyError, no gap, no duplicate."""
+    exactly one wins, the rest get ConcurrencyError, no gap, no duplicate.
+
+    Committed rows reach the worker, so the test runs under `live`, which
+    lets the flow settle before the tables are flushed."""
     from orders.models import CatalogItem
 
     CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
@@ -108,7 +110,9 @@ def test_concurrent_writers_one_wins_each_version() -> None:
 
     assert sorted(outcomes) == ["conflict"] * 7 + ["won"]
     versions = list(
-        StoredEvent.objects.filter(aggregate_id=str(order.pk)).values_list("version", flat=True)
+        StoredEvent.objects.filter(
+            aggregate_type="orders.Order", aggregate_id=str(order.pk)
+        ).values_list("version", flat=True)
     )
     assert versions == [1, 2]
 

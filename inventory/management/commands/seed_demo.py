@@ -31,7 +31,8 @@ USERS = [
 class Command(BaseCommand):
     help = (
         "Create demo users (staff, alice, bob) and a stocked catalog. Passwords come from "
-        "DEMO_PASSWORD (make run writes one into .env). Existing rows are left as they are."
+        "DEMO_PASSWORD (make run writes one into .env); rerunning resets the demo users' "
+        "passwords to it and adds missing catalog items, leaving existing stock as it is."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
