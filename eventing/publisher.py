@@ -22,7 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 class PublishError(RuntimeError):
-    pass
+    """The connection failed or confirms timed out. `partial` holds what the
+    broker did confirm (or refuse) before that; nothing else is known."""
+
+    def __init__(self, message: str, partial: BatchResult | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial or BatchResult(confirmed=set(), failed={})
 
 
 @dataclasses.dataclass
@@ -51,6 +56,9 @@ class ConfirmingPublisher:
         self._channel: amqp.Channel | None = None
         self._next_tag = 1
         self._pending: dict[int, Any] = {}
+        # Messages not yet confirmed per caller key: a key counts as confirmed
+        # only once every message made from it is.
+        self._outstanding: dict[Any, int] = {}
         self._results: BatchResult | None = None
         self._returned: dict[str, str] = {}
 
@@ -97,7 +105,9 @@ class ConfirmingPublisher:
             reason = error or returned
             if reason:
                 self._results.failed[key] = reason
-            else:
+                continue
+            self._outstanding[key] -= 1
+            if self._outstanding[key] == 0 and key not in self._results.failed:
                 self._results.confirmed.add(key)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -118,6 +128,9 @@ class ConfirmingPublisher:
         self._results = BatchResult(confirmed=set(), failed={})
         self._pending = {}
         self._returned = {}
+        self._outstanding = {}
+        for outgoing in messages:
+            self._outstanding[outgoing.key] = self._outstanding.get(outgoing.key, 0) + 1
         if not messages:
             return self._results
         try:
@@ -146,7 +159,9 @@ class ConfirmingPublisher:
             while self._pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise PublishError(f"{len(self._pending)} confirms not received in time")
+                    raise PublishError(
+                        f"{len(self._pending)} confirms not received in time", self._results
+                    )
                 try:
                     channel.connection.drain_events(timeout=remaining)
                 except TimeoutError:
@@ -156,5 +171,5 @@ class ConfirmingPublisher:
             raise
         except Exception as exc:
             self.close()
-            raise PublishError(f"broker connection failed: {exc}") from exc
+            raise PublishError(f"broker connection failed: {exc}", self._results) from exc
         return self._results

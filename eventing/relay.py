@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from .consumers import registry as consumer_registry
+from .events import registry as event_registry
 from .publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,13 @@ def get_publisher() -> ConfirmingPublisher:
     if _publisher is None:
         from config.celery import app
 
+        # Confirms must arrive well within the lease, or another relay could
+        # re-claim rows this one is still waiting on.
+        confirm_timeout = min(10.0, settings.EVENTING["RELAY_LEASE_SECONDS"] / 2)
         _publisher = ConfirmingPublisher(
-            settings.CELERY_BROKER_URL, list(app.conf.task_queues or [])
+            settings.CELERY_BROKER_URL,
+            list(app.conf.task_queues or []),
+            confirm_timeout=confirm_timeout,
         )
     return _publisher
 
@@ -47,6 +54,9 @@ class ClaimedRow:
     consumer: str
     attempts: int
     envelope: dict[str, Any]
+    # The lease value is the claim's token: settling matches on it, so a relay
+    # whose lease ran out cannot touch a row another relay has re-claimed.
+    claimed_until: Any = None
 
 
 @dataclasses.dataclass
@@ -71,7 +81,7 @@ UPDATE eventing_outboxmessage o
 SET claimed_until = now() + make_interval(secs => %s), attempts = o.attempts + 1
 FROM claimable c, eventing_storedevent e
 WHERE o.id = c.id AND e.position = o.event_id
-RETURNING o.id, o.consumer, o.attempts, e.position, e.event_id, e.aggregate_type,
+RETURNING o.id, o.consumer, o.attempts, o.claimed_until, e.position, e.event_id, e.aggregate_type,
           e.aggregate_id, e.version, e.event_type, e.schema_version, e.payload, e.source,
           e.time, e.correlation_id, e.causation_id, e.traceparent, e.actor, e.chain_depth
 """
@@ -82,26 +92,12 @@ def claim_batch(limit: int, lease_seconds: float) -> list[ClaimedRow]:
         cursor.execute(_CLAIM_SQL, [limit, lease_seconds])
         rows = cursor.fetchall()
     claimed = []
-    for (
-        outbox_id,
-        consumer,
-        attempts,
-        position,
-        event_id,
-        agg_type,
-        agg_id,
-        version,
-        event_type,
-        schema_version,
-        payload,
-        source,
-        time_,
-        correlation_id,
-        causation_id,
-        traceparent,
-        actor,
-        chain_depth,
-    ) in rows:
+    for row in rows:
+        (outbox_id, consumer, attempts, claimed_until, position, event_id, agg_type, agg_id) = row[
+            :8
+        ]
+        (version, event_type, schema_version, payload, source, time_) = row[8:14]
+        (correlation_id, causation_id, traceparent, actor, chain_depth) = row[14:]
         envelope = {
             "specversion": "1.0",
             "id": str(event_id),
@@ -120,17 +116,11 @@ def claim_batch(limit: int, lease_seconds: float) -> list[ClaimedRow]:
             "traceparent": traceparent,
             "actor": actor,
             "chaindepth": chain_depth,
-            "data": payload if not isinstance(payload, str) else _loads(payload),
+            "data": payload if not isinstance(payload, str) else json.loads(payload),
         }
-        claimed.append(ClaimedRow(outbox_id, consumer, attempts, envelope))
+        claimed.append(ClaimedRow(outbox_id, consumer, attempts, envelope, claimed_until))
     claimed.sort(key=lambda r: r.outbox_id)
     return claimed
-
-
-def _loads(text: str) -> Any:
-    import json
-
-    return json.loads(text)
 
 
 def build_task_message(consumer: str, envelope: dict[str, Any], key: Any) -> OutgoingMessage:
@@ -171,6 +161,10 @@ def _messages_for(row: ClaimedRow) -> list[OutgoingMessage]:
             # row (with the error shown in the admin) rather than drop it.
             raise UnknownConsumer(f"outbox row targets unknown consumer {row.consumer!r}")
         targets = [row.consumer]
+    elif row.envelope["type"] not in event_registry:
+        # This process has never heard of the type (an older relay during a
+        # rolling deploy?): a newer relay may know its consumers. Keep it.
+        raise UnknownConsumer(f"event type {row.envelope['type']!r} is not registered here")
     else:
         targets = consumer_registry.subscribers_of(row.envelope["type"])
     return [build_task_message(name, row.envelope, row.outbox_id) for name in targets]
@@ -182,22 +176,30 @@ def _retry_delay(attempts: int) -> float:
     return random.uniform(0, min(30.0, 0.5 * 2 ** min(attempts, 10)))
 
 
-def _release_failed(failures: dict[int, str], attempts: dict[int, int]) -> None:
+def _release_failed(failures: dict[int, str], claims: dict[int, ClaimedRow]) -> None:
     if not failures:
         return
     with connection.cursor() as cursor:
         for outbox_id, error in failures.items():
+            claim = claims[outbox_id]
             cursor.execute(
                 "UPDATE eventing_outboxmessage SET claimed_until = NULL, last_error = %s, "
-                "available_at = now() + make_interval(secs => %s) WHERE id = %s",
-                [error[:2000], _retry_delay(attempts.get(outbox_id, 1)), outbox_id],
+                "available_at = now() + make_interval(secs => %s) "
+                "WHERE id = %s AND claimed_until = %s",
+                [error[:2000], _retry_delay(claim.attempts), outbox_id, claim.claimed_until],
             )
 
 
-def _delete_published(ids: list[int]) -> None:
-    if ids:
-        with connection.cursor() as cursor:
-            cursor.execute("DELETE FROM eventing_outboxmessage WHERE id = ANY(%s)", [ids])
+def _delete_published(ids: list[int], claims: dict[int, ClaimedRow]) -> None:
+    if not ids:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM eventing_outboxmessage o "
+            "USING unnest(%s::bigint[], %s::timestamptz[]) AS c(id, claimed_until) "
+            "WHERE o.id = c.id AND o.claimed_until = c.claimed_until",
+            [ids, [claims[i].claimed_until for i in ids]],
+        )
 
 
 def relay_batch(limit: int | None = None) -> RelayReport:
@@ -208,42 +210,44 @@ def relay_batch(limit: int | None = None) -> RelayReport:
     if not rows:
         return report
     report.batches = 1
+    claims = {row.outbox_id: row for row in rows}
     outgoing: list[OutgoingMessage] = []
     per_row: dict[int, int] = {}
-    unpublishable: dict[int, str] = {}
+    failed: dict[int, str] = {}
     for row in rows:
         try:
             messages = _messages_for(row)
         except UnknownConsumer as exc:
-            unpublishable[row.outbox_id] = str(exc)
+            failed[row.outbox_id] = str(exc)
             continue
         per_row[row.outbox_id] = len(messages)
         outgoing.extend(messages)
-    attempts = {row.outbox_id: row.attempts for row in rows}
     try:
         result = get_publisher().publish_batch(outgoing)
     except PublishError as exc:
-        # Nothing of this batch is known delivered: every row waits and retries.
-        failures = {**unpublishable, **{row.outbox_id: str(exc) for row in rows}}
-        _release_failed(failures, attempts)
-        report.failed_rows = len(failures)
+        # Rows whose every message was confirmed before the failure are
+        # delivered; the rest wait and retry (a duplicate at worst).
+        result = exc.partial
+        for outbox_id in per_row:
+            if outbox_id not in result.confirmed:
+                failed.setdefault(outbox_id, str(exc))
         report.errors.append(str(exc))
-        logger.warning("relay: publishing %d rows failed: %s", len(rows), exc)
-        return report
-    failed_rows = {**unpublishable, **result.failed}
+        logger.warning("relay: publishing a batch of %d rows failed: %s", len(rows), exc)
+    for outbox_id, reason in result.failed.items():
+        failed.setdefault(outbox_id, reason)
     done = [
         outbox_id
         for outbox_id, expected in per_row.items()
-        if outbox_id not in failed_rows and (expected == 0 or outbox_id in result.confirmed)
+        if outbox_id not in failed and (expected == 0 or outbox_id in result.confirmed)
     ]
-    _delete_published(done)
-    _release_failed(failed_rows, attempts)
+    _delete_published(done, claims)
+    _release_failed(failed, claims)
     report.published_rows = len(done)
     report.messages = sum(per_row[outbox_id] for outbox_id in done)
-    report.failed_rows = len(failed_rows)
-    report.errors.extend(sorted(set(failed_rows.values())))
-    if failed_rows:
-        logger.error("relay: %d rows not published: %s", len(failed_rows), report.errors)
+    report.failed_rows = len(failed)
+    report.errors.extend(sorted(set(failed.values()) - set(report.errors)))
+    if failed:
+        logger.error("relay: %d rows not published: %s", len(failed), report.errors)
     return report
 
 

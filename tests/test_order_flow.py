@@ -46,7 +46,12 @@ def test_order_placed_over_http_is_confirmed_and_reserves_stock(live: object) ->
     order_id = response.json()["id"]
     assert response["Location"] == f"/api/orders/{order_id}/"
     _order_status(order_id, "CONFIRMED")
-    assert client.get(f"/api/orders/{order_id}/").json()["status"] == "CONFIRMED"
+    # The API reads the order summary read model, which the orders consumer
+    # updates on OrderConfirmed: a moment after the write model.
+    wait_for(
+        lambda: client.get(f"/api/orders/{order_id}/").json()["status"] == "CONFIRMED",
+        what="GET /api/orders/{id}/ to show CONFIRMED",
+    )
     item = StockItem.objects.get(sku="SKU-MUG")
     assert (item.on_hand, item.reserved, item.available) == (10, 3, 7)
     types = list(

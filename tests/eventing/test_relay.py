@@ -1,0 +1,622 @@
+"""The relay's guarantees on the real PostgreSQL and RabbitMQ.
+
+- Several relays at once publish every outbox row, each once (leases + SKIP LOCKED).
+- A lost broker connection loses nothing: rows stay, back off, then go out once.
+- An unroutable message (no queue) is not a delivery: its row stays, the others go.
+- A row leaves the outbox only once the broker confirmed it; a crashed relay's
+  rows wait for the lease to end, then another relay publishes them.
+- A burst of commits sends one wake-up message, not one per commit.
+
+Every test runs against a probe consumer known only to this process, whose queue
+nobody consumes, so the messages the relay published can be read back and
+counted. The session worker's relay is paused meanwhile: it does not know the
+probe consumer and would delete probe rows without publishing them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import amqp
+import pytest
+from django.conf import settings
+from django.db import connections, transaction
+from django.utils import timezone
+from kombu import Connection, Exchange, Queue
+
+from config.celery import app
+from eventing import relay as relay_module
+from eventing import store
+from eventing.consumers import EventMeta, subscribe
+from eventing.events import DomainEvent, event
+from eventing.models import OutboxMessage, RelayWake, StoredEvent
+from eventing.publisher import ConfirmingPublisher
+
+from ..support import Worker, queue_depths, queue_name, wait_for
+
+pytestmark = pytest.mark.live
+
+PROBE_AGGREGATE = "tests.Probe"
+
+
+@event
+class RelayProbe(DomainEvent):
+    """Routed to consumer `relayprobe`, whose queue this module declares."""
+
+    name: ClassVar[str] = "tests.RelayProbe"
+    aggregate_type: ClassVar[str] = PROBE_AGGREGATE
+    n: int
+
+
+@event
+class RelayOrphan(DomainEvent):
+    """Routed to consumer `relayorphan`, whose queue never exists."""
+
+    name: ClassVar[str] = "tests.RelayOrphan"
+    aggregate_type: ClassVar[str] = PROBE_AGGREGATE
+    n: int
+
+
+@event
+class RelayRefused(DomainEvent):
+    """Routed to consumer `relayrefused`, whose queue refuses every publish."""
+
+    name: ClassVar[str] = "tests.RelayRefused"
+    aggregate_type: ClassVar[str] = PROBE_AGGREGATE
+    n: int
+
+
+@subscribe(RelayProbe, consumer="relayprobe")
+def _probe_handler(probe: RelayProbe, meta: EventMeta) -> None:
+    """Never runs: nothing consumes the probe queue."""
+
+
+@subscribe(RelayOrphan, consumer="relayorphan")
+def _orphan_handler(orphan: RelayOrphan, meta: EventMeta) -> None:
+    """Never runs: the orphan queue does not exist."""
+
+
+@subscribe(RelayRefused, consumer="relayrefused")
+def _refused_handler(refused: RelayRefused, meta: EventMeta) -> None:
+    """Never runs: the broker refuses every message for this queue."""
+
+
+PROBE_QUEUE = "relayprobe"
+ORPHAN_QUEUE = "relayorphan"
+REFUSED_QUEUE = "relayrefused"
+
+
+# -- broker helpers -------------------------------------------------------------
+
+
+def _declare(name: str, arguments: dict[str, Any] | None = None) -> None:
+    full = queue_name(name)
+    queue = Queue(
+        full, Exchange("", type="direct"), routing_key=full, durable=True, queue_arguments=arguments
+    )
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        queue.bind(conn.channel()).declare()
+
+
+def _purge(name: str) -> None:
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        conn.channel().queue_purge(queue_name(name))
+
+
+def _delete_queue(name: str) -> None:
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        conn.channel().queue_delete(queue_name(name))
+
+
+def _queue_exists(name: str) -> bool:
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        try:
+            conn.channel().queue_declare(queue_name(name), passive=True)
+        except amqp.exceptions.NotFound:
+            return False
+    return True
+
+
+def _depth(name: str) -> int:
+    return queue_depths((name,))[name]
+
+
+def take_all(name: str, timeout: float = 30.0) -> list[amqp.Message]:
+    """Remove every ready message from queue `name` and return them.
+
+    Call it once the publishers confirmed: a confirmed message is enqueued, so
+    the queue's message count is exact, and it is 0 again afterwards.
+    """
+    full = queue_name(name)
+    taken: list[amqp.Message] = []
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        channel = conn.channel()
+        _, count, _ = channel.queue_declare(full, passive=True)
+        if count:
+            channel.basic_qos(0, 2000, False)
+            tag = channel.basic_consume(full, no_ack=True, callback=taken.append)
+            deadline = time.monotonic() + timeout
+            while len(taken) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"read {len(taken)} of {count} messages from {full}"
+                try:
+                    conn.drain_events(timeout=remaining)
+                except TimeoutError:
+                    continue
+            channel.basic_cancel(tag)
+    assert _depth(name) == 0, f"{full} still holds messages after reading {len(taken)}"
+    return taken
+
+
+def event_ids(messages: list[amqp.Message]) -> list[str]:
+    """The envelope ids of Celery protocol-2 task messages: [args, kwargs, embed]."""
+    return [json.loads(message.body)[0][0]["id"] for message in messages]
+
+
+def _holds_steady(predicate: Callable[[], bool], seconds: float = 0.5) -> bool:
+    """`predicate` stays true for `seconds` (a check that nothing more arrives)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not predicate():
+            return False
+        time.sleep(0.05)
+    return predicate()
+
+
+# -- outbox helpers -------------------------------------------------------------
+
+
+def insert_events(count: int, event_cls: type[DomainEvent] = RelayProbe) -> list[str]:
+    """`count` committed events on as many aggregates, each with its outbox row.
+
+    Bulk inserts straight into the tables (no wake-up is sent): fast enough for
+    10,000 rows, and what the relay reads is exactly what store.append writes.
+    """
+    now = timezone.now()
+    run = uuid.uuid4().hex[:12]
+    events = [
+        StoredEvent(
+            event_id=uuid.uuid4(),
+            aggregate_type=PROBE_AGGREGATE,
+            aggregate_id=f"{run}-{i}",
+            version=1,
+            event_type=event_cls.name,
+            schema_version=event_cls.version,
+            payload={"n": i},
+            source=settings.EVENTING["SOURCE"],
+            time=now,
+            correlation_id=run,
+        )
+        for i in range(count)
+    ]
+    with transaction.atomic():
+        StoredEvent.objects.bulk_create(events, batch_size=2000)
+        OutboxMessage.objects.bulk_create(
+            [OutboxMessage(event=e, created_at=now, available_at=now) for e in events],
+            batch_size=2000,
+        )
+    return [str(e.event_id) for e in events]
+
+
+def _new_publisher(url: str | None = None, confirm_timeout: float = 10.0) -> ConfirmingPublisher:
+    return ConfirmingPublisher(
+        url or settings.CELERY_BROKER_URL,
+        list(app.conf.task_queues or []),
+        confirm_timeout=confirm_timeout,
+    )
+
+
+# -- fixtures -------------------------------------------------------------------
+
+
+def _consumes_relay(worker: Worker) -> bool | None:
+    replies = app.control.inspect(destination=[worker.name], timeout=1.0).active_queues() or {}
+    if worker.name not in replies:
+        return None
+    return any(q["name"] == queue_name("relay") for q in replies[worker.name])
+
+
+@pytest.fixture
+def relay_paused(live: Worker) -> Iterator[Worker]:
+    """The session worker stops consuming the relay queue for the test.
+
+    Its relay does not know the probe consumers and would delete probe rows
+    without publishing them (no subscriber in that process).
+    """
+    relay_queue = queue_name("relay")
+    replies = app.control.cancel_consumer(
+        relay_queue, destination=[live.name], reply=True, timeout=5.0
+    )
+    assert any(live.name in reply for reply in replies), replies
+    wait_for(lambda: _consumes_relay(live) is False, what="the worker to stop consuming relay")
+    wait_for(lambda: not live.busy(), what="the worker to finish what it holds")
+    _purge("relay")
+    try:
+        yield live
+    finally:
+        # Leftovers of a failed test must not reach the worker's relay.
+        OutboxMessage.objects.filter(event__aggregate_type=PROBE_AGGREGATE).delete()
+        RelayWake.objects.update_or_create(id=1, defaults={"requested": False})
+        _purge("relay")
+        app.control.add_consumer(relay_queue, destination=[live.name], reply=True, timeout=5.0)
+        wait_for(lambda: _consumes_relay(live), what="the worker to consume relay again")
+
+
+@pytest.fixture
+def probe_queue(relay_paused: Worker) -> Iterator[str]:
+    """The probe consumer's durable queue, empty, consumed by nobody."""
+    _declare(PROBE_QUEUE)
+    _purge(PROBE_QUEUE)
+    yield PROBE_QUEUE
+    _delete_queue(PROBE_QUEUE)
+
+
+@pytest.fixture
+def publishers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ConfirmingPublisher]]:
+    """One ConfirmingPublisher per thread (the relay's module-level one is not
+    thread-safe), closed after the test."""
+    local = threading.local()
+    made: list[ConfirmingPublisher] = []
+
+    def get_publisher() -> ConfirmingPublisher:
+        publisher = getattr(local, "publisher", None)
+        if publisher is None:
+            publisher = local.publisher = _new_publisher()
+            made.append(publisher)
+        return publisher
+
+    monkeypatch.setattr(relay_module, "get_publisher", get_publisher)
+    yield made
+    for publisher in made:
+        publisher.close()
+
+
+# -- 1. concurrent relays -------------------------------------------------------
+
+
+def test_two_relays_at_once_publish_10000_rows_each_exactly_once(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    ids = insert_events(10_000)
+    start = threading.Barrier(2)
+    published: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def run_relay(label: str) -> None:
+        try:
+            start.wait(timeout=10)
+            deadline = time.monotonic() + 45
+            published[label] = 0
+            while OutboxMessage.objects.exists():
+                assert time.monotonic() < deadline, f"relay {label} did not drain the outbox"
+                report = relay_module.relay(max_seconds=5)
+                assert not report.errors, report.errors
+                published[label] += report.published_rows
+                if report.batches == 0:
+                    time.sleep(0.02)  # the other relay holds the last rows
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=run_relay, args=(label,)) for label in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    elapsed = time.monotonic() - began
+
+    assert not any(thread.is_alive() for thread in threads), "a relay thread hangs"
+    assert not errors, errors
+    assert not OutboxMessage.objects.exists()
+    assert sum(published.values()) == 10_000, published
+    assert all(published.values()), f"both relays must have published: {published}"
+    received = event_ids(take_all(probe_queue))
+    duplicates = len(received) - len(set(received))
+    print(
+        f"\n2 relays published 10,000 rows in {elapsed:.2f}s "
+        f"(a={published['a']}, b={published['b']}); duplicates={duplicates}"
+    )
+    assert set(received) == set(ids), "a row was lost (or a stranger published)"
+    assert duplicates == 0
+
+
+# -- 2. broker outage -----------------------------------------------------------
+
+
+class CuttableProxy:
+    """A TCP proxy to RabbitMQ whose connections can be cut and restored."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))  # the same port again on restore
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, args=(listener, self._stop), daemon=True).start()
+
+    def _accept(self, listener: socket.socket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            server.settimeout(None)
+            with self._lock:
+                self.accepted += 1
+                self._sockets.update((client, server))
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+        listener.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def cut(self) -> None:
+        """Stop listening and sever every live connection (both directions)."""
+        self._stop.set()
+        wait_for(lambda: self._listener is None or self._listener.fileno() == -1, timeout=5)
+        self._listener = None
+        with self._lock:
+            live = list(self._sockets)
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pumps, which close them
+            except OSError:
+                pass
+        wait_for(lambda: not self._sockets, timeout=5, what="the proxied connections to close")
+
+    def restore(self) -> None:
+        self.start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self.cut()
+
+
+def test_cut_broker_connection_keeps_rows_then_publishes_each_once(
+    probe_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cuts the relay's TCP connection to RabbitMQ (RabbitMQ itself keeps
+    running): the batch in flight stays in the outbox, marked with the error,
+    and goes out exactly once when the connection is back."""
+    broker = Connection(settings.CELERY_BROKER_URL)
+    proxy = CuttableProxy((broker.hostname, broker.port or 5672))
+    proxy.start()
+    url = broker.clone(hostname="127.0.0.1", port=proxy.port).as_uri(include_password=True)
+    publisher = _new_publisher(url, confirm_timeout=3.0)
+    monkeypatch.setattr(relay_module, "get_publisher", lambda: publisher)
+    try:
+        ids = insert_events(20)
+        warm = relay_module.relay_batch(5)  # the relay is connected and working
+        assert (warm.published_rows, proxy.accepted) == (5, 1), warm
+
+        proxy.cut()
+        began = time.monotonic()
+        outage = relay_module.relay_batch()
+        outage_seconds = time.monotonic() - began
+
+        assert (outage.published_rows, outage.failed_rows) == (0, 15), outage
+        rows = list(OutboxMessage.objects.all())
+        assert len(rows) == 15, "a row was deleted though the broker never confirmed it"
+        assert all(row.attempts == 1 for row in rows)
+        assert all(row.last_error.startswith("broker connection failed") for row in rows), {
+            row.last_error for row in rows
+        }
+        assert all(row.claimed_until is None for row in rows)
+        assert StoredEvent.objects.filter(aggregate_type=PROBE_AGGREGATE).count() == 20
+        assert _depth(probe_queue) == 5, "nothing of the failed batch reached the broker"
+
+        proxy.restore()
+        # We wait for the backoff instead of resetting available_at: after one
+        # attempt the relay's full-jitter delay is at most 0.5 * 2**1 = 1 s.
+        wait_for(
+            lambda: not OutboxMessage.objects.filter(available_at__gt=timezone.now()).exists(),
+            timeout=5,
+            what="the backoff to end",
+        )
+        after = relay_module.relay(max_seconds=10)
+
+        assert after.published_rows == 15, after
+        assert not OutboxMessage.objects.exists()
+        assert proxy.accepted == 2, "the relay reconnected through the restored proxy"
+        received = event_ids(take_all(probe_queue))
+        assert sorted(received) == sorted(ids), "every row exactly once"
+        print(f"\noutage batch failed in {outage_seconds:.2f}s; recovered after the backoff")
+    finally:
+        publisher.close()
+        proxy.close()
+
+
+# -- 3. mandatory ---------------------------------------------------------------
+
+
+def test_unroutable_row_stays_while_the_rest_of_the_batch_goes(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    _delete_queue(ORPHAN_QUEUE)  # the consumer's queue does not exist
+    assert not _queue_exists(ORPHAN_QUEUE)
+    before = insert_events(5)
+    (orphan_id,) = insert_events(1, RelayOrphan)
+    after = insert_events(5)
+
+    report = relay_module.relay_batch()
+
+    assert (report.published_rows, report.failed_rows) == (10, 1), report
+    (left,) = OutboxMessage.objects.select_related("event")
+    assert str(left.event.event_id) == orphan_id
+    assert left.attempts == 1
+    assert "unroutable" in left.last_error, left.last_error
+    assert queue_name(ORPHAN_QUEUE) in left.last_error
+    assert sorted(event_ids(take_all(probe_queue))) == sorted(before + after)
+    assert not _queue_exists(ORPHAN_QUEUE), "the relay must not create queues on the fly"
+
+
+# -- 4. wake coalescing ---------------------------------------------------------
+
+
+def _append_probe(aggregate_id: str, n: int) -> None:
+    with transaction.atomic():
+        store.append(
+            aggregate_type=PROBE_AGGREGATE,
+            aggregate_id=aggregate_id,
+            expected_version=0,
+            events=[RelayProbe(n=n)],
+        )
+
+
+def test_a_burst_of_commits_sends_one_wake_up(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": False})
+    run = uuid.uuid4().hex[:12]
+
+    for n in range(50):
+        _append_probe(f"{run}-{n}", n)  # 50 separate commits
+
+    wait_for(lambda: _depth("relay") >= 1, what="a wake-up on the relay queue")
+    assert _holds_steady(lambda: _depth("relay") == 1), "50 commits -> one wake-up"
+    assert RelayWake.objects.get(id=1).requested
+    assert OutboxMessage.objects.count() == 50
+
+    report = relay_module.relay(max_seconds=10)  # clears the flag, then drains
+    assert report.published_rows == 50, report
+    assert not RelayWake.objects.get(id=1).requested
+
+    _append_probe(f"{run}-last", 50)  # a commit after the relay ran
+
+    wait_for(lambda: _depth("relay") >= 2, what="a second wake-up")
+    assert _holds_steady(lambda: _depth("relay") == 2), "one commit -> one more wake-up"
+    wakes = take_all("relay")
+    assert [m.headers["task"] for m in wakes] == ["eventing.relay", "eventing.relay"]
+    assert relay_module.relay(max_seconds=10).published_rows == 1
+    assert len(set(event_ids(take_all(probe_queue)))) == 51
+
+
+# -- 5. confirms and leases -----------------------------------------------------
+
+
+def test_rows_stay_until_the_broker_confirms_them(
+    probe_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker takes the messages but its acks never reach the relay (they
+    are dropped on arrival): the rows stay. Publishing them again duplicates
+    the messages - at least once, never lost - and the consumers dedupe."""
+    ids = insert_events(10)
+    lost_acks = _new_publisher(confirm_timeout=1.0)
+    monkeypatch.setattr(lost_acks, "_on_ack", lambda delivery_tag, multiple: None)
+    monkeypatch.setattr(relay_module, "get_publisher", lambda: lost_acks)
+    try:
+        report = relay_module.relay_batch()
+    finally:
+        lost_acks.close()
+
+    assert (report.published_rows, report.failed_rows) == (0, 10), report
+    rows = list(OutboxMessage.objects.all())
+    assert len(rows) == 10, "a row left the outbox without a confirm"
+    assert all("confirms not received in time" in row.last_error for row in rows)
+    assert all(row.attempts == 1 and row.claimed_until is None for row in rows)
+    assert _depth(probe_queue) == 10  # the broker did take them
+
+    healthy = _new_publisher()
+    monkeypatch.setattr(relay_module, "get_publisher", lambda: healthy)
+    # We reset available_at rather than wait out the backoff (at most 1 s here).
+    OutboxMessage.objects.update(available_at=timezone.now())
+    try:
+        report = relay_module.relay(max_seconds=10)
+    finally:
+        healthy.close()
+
+    assert report.published_rows == 10, report
+    assert not OutboxMessage.objects.exists()
+    received = event_ids(take_all(probe_queue))
+    assert sorted(received) == sorted(ids * 2), "each event twice: once lost-acked, once confirmed"
+
+
+def test_nacked_row_stays_in_the_outbox(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    """A queue that refuses publishes (max length 0, reject-publish) makes
+    RabbitMQ nack: that row stays, the confirmed rows of the batch go."""
+    _delete_queue(REFUSED_QUEUE)
+    _declare(REFUSED_QUEUE, {"x-max-length": 0, "x-overflow": "reject-publish"})
+    try:
+        probes = insert_events(3)
+        (refused_id,) = insert_events(1, RelayRefused)
+
+        report = relay_module.relay_batch()
+
+        assert (report.published_rows, report.failed_rows) == (3, 1), report
+        (left,) = OutboxMessage.objects.select_related("event")
+        assert str(left.event.event_id) == refused_id
+        assert "nacked" in left.last_error
+        assert sorted(event_ids(take_all(probe_queue))) == sorted(probes)
+    finally:
+        _delete_queue(REFUSED_QUEUE)
+
+
+def test_crashed_relays_rows_wait_for_the_lease_then_go_once(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    lease = 1.0
+    ids = insert_events(5)
+    began = time.monotonic()
+    crashed = relay_module.claim_batch(100, lease_seconds=lease)  # ...and never settles
+    assert len(crashed) == 5
+
+    assert relay_module.relay_batch().batches == 0, "leased rows are not claimable"
+    report = wait_for(
+        lambda: relay_module.relay_batch().published_rows,
+        timeout=lease + 5,
+        interval=0.05,
+        what="the lease to end and another relay to publish",
+    )
+    waited = time.monotonic() - began
+
+    assert report == 5
+    assert waited >= lease - 0.05, f"rows were re-claimed after {waited:.2f}s < lease {lease}s"
+    assert not OutboxMessage.objects.exists()
+    assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
