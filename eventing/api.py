@@ -39,7 +39,8 @@ from .serializers import EventFilterSerializer, EventingStatusSerializer, Stored
 # subscribes to: C's projection changes only on events it handles, so waiting
 # for one it does not handle would wait for nothing (and time out). A query
 # served from the write model of the token's own stream is consistent at once,
-# since the command committed before it answered.
+# since the command committed before it answered (views declare those in
+# `consistency_write_models`).
 
 CONSISTENCY_HEADER = "X-Consistency-Token"
 CONSISTENCY_STATE_HEADER = "X-Consistency"
@@ -121,8 +122,9 @@ def wait_until_applied(
     interval: float | None = None,
 ) -> bool:
     """Poll the consumer's checkpoint until it reflects `token` or the deadline
-    passes; return whether it does. Must not run inside a transaction: each
-    poll needs a fresh snapshot to see the worker's commits."""
+    passes; return whether it does. Call it outside `transaction.atomic()`: a
+    transaction held across the sleeps would hold its locks that long (and
+    under REPEATABLE READ would never see the worker's commit)."""
     default_timeout, default_interval = consistency_settings()
     timeout = default_timeout if timeout is None else timeout
     interval = default_interval if interval is None else interval
@@ -208,6 +210,9 @@ class ReadYourWritesMixin:
     `X-Consistency` response header."""
 
     consistency_consumer: ClassVar[str] = ""
+    # Aggregate types the view answers from their write model: a token naming
+    # one is reflected already (the command committed before it answered).
+    consistency_write_models: ClassVar[tuple[str, ...]] = ()
     consistency: Consistency | None = None
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -226,6 +231,8 @@ class ReadYourWritesMixin:
             token = ConsistencyToken.parse(raw)
         except InvalidConsistencyToken as exc:
             raise serializers.ValidationError({CONSISTENCY_PARAM: [str(exc)]}) from exc
+        if token.aggregate_type in self.consistency_write_models:
+            return Consistency(token=token, applied=True)
         applied = wait_until_applied(token, consumer=self.consistency_consumer)
         return Consistency(token=token, applied=applied)
 

@@ -23,6 +23,7 @@ import logging
 import random
 import traceback as tb
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -67,10 +68,47 @@ class HandlerSpec:
     # Declares effects that leave the database (email, HTTP). They must go
     # through `after_commit()`, which replay turns into a no-op.
     side_effects: bool = False
+    # The projection whose read models this handler writes. None marks a
+    # policy (it reacts with commands and new events): replay never runs it.
+    projection: str | None = None
 
     @property
     def qualname(self) -> str:
         return f"{self.func.__module__}.{self.func.__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadModel:
+    """A table a projection owns and can rebuild from the store.
+
+    `key_field` holds the aggregate id its rows derive from (so one
+    aggregate's rows can be rebuilt alone); None when a row depends on many
+    streams, which forces a full rebuild. `natural_key` identifies a row when
+    diffing (surrogate ids differ after a rebuild); `compare_exclude` lists
+    delivery bookkeeping that is not derived from events.
+    """
+
+    model: type[Any]
+    key_field: str | None
+    natural_key: tuple[str, ...] = ("pk",)
+    compare_exclude: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.model._meta.label
+
+
+@dataclasses.dataclass
+class Projection:
+    """A named read-model builder: its handlers and the tables they write."""
+
+    name: str
+    read_models: list[ReadModel]
+    consumer: str = ""
+
+    @property
+    def partial_rebuild_possible(self) -> bool:
+        return all(rm.key_field for rm in self.read_models)
 
 
 @dataclasses.dataclass
@@ -93,6 +131,7 @@ class ConsumerRegistry:
         # Names of events subscribed to that are not registered: the system
         # check reports them (registration order makes raising here fragile).
         self.unknown_subscriptions: list[str] = []
+        self.projections: dict[str, Projection] = {}
 
     def declare(self, name: str) -> ConsumerSpec:
         return self._consumers.setdefault(name, ConsumerSpec(name))
@@ -117,14 +156,41 @@ class ConsumerRegistry:
     def add(self, consumer: str, spec: HandlerSpec) -> None:
         self.declare(consumer).handlers.setdefault(spec.event_name, []).append(spec)
 
+    def add_projection(self, consumer: str, projection: Projection) -> None:
+        if projection.consumer and projection.consumer != consumer:
+            raise ValueError(
+                f"projection {projection.name} belongs to {projection.consumer}, not {consumer}"
+            )
+        projection.consumer = consumer
+        self.projections[projection.name] = projection
+
+    def projection(self, name: str) -> Projection:
+        try:
+            return self.projections[name]
+        except KeyError:
+            raise LookupError(
+                f"unknown projection {name!r}; known: {', '.join(sorted(self.projections))}"
+            ) from None
+
+    def projections_of(self, consumer: str) -> list[Projection]:
+        return [p for _, p in sorted(self.projections.items()) if p.consumer == consumer]
+
 
 registry = ConsumerRegistry()
 
 
 def subscribe(
-    event_cls: type[DomainEvent] | str, *, consumer: str | None = None, side_effects: bool = False
+    event_cls: type[DomainEvent] | str,
+    *,
+    consumer: str | None = None,
+    side_effects: bool = False,
+    projection: Projection | None = None,
 ) -> Callable[[Handler], Handler]:
-    """Register a handler. The consumer defaults to the app that defines it."""
+    """Register a handler. The consumer defaults to the app that defines it.
+
+    With `projection`, the handler builds that projection's read models and
+    replay reruns it; without, it is a policy that replay never reruns.
+    """
 
     def decorator(func: Handler) -> Handler:
         name = consumer
@@ -138,7 +204,12 @@ def subscribe(
             registry.unknown_subscriptions.append(
                 f"{func.__module__}.{func.__qualname__} subscribes to unknown event {event_name!r}"
             )
-        registry.add(name, HandlerSpec(event_name, func, side_effects))
+        if projection is not None:
+            registry.add_projection(name, projection)
+        registry.add(
+            name,
+            HandlerSpec(event_name, func, side_effects, projection.name if projection else None),
+        )
         return func
 
     return decorator
@@ -164,6 +235,30 @@ def after_commit(func: Callable[[], None]) -> None:
 
 
 # -- processing -----------------------------------------------------------------
+
+
+class ConsumerPaused(Exception):
+    """The consumer is paused (a replay is rebuilding it): try again later."""
+
+
+def consumer_lock_key(consumer: str) -> int:
+    """The advisory-lock key of a consumer: live transactions hold it shared,
+    a replay takes it exclusively to wait them out (see eventing.replay)."""
+    return (0x45564E54 << 32) | zlib.crc32(consumer.encode())
+
+
+def check_not_paused(consumer: str) -> None:
+    """Caller holds a transaction. Takes the consumer's lock shared and fails
+    with ConsumerPaused if a replay paused it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock_shared(%s), "
+            "(SELECT paused FROM eventing_consumerstate WHERE consumer = %s)",
+            [consumer_lock_key(consumer), consumer],
+        )
+        _, paused = cursor.fetchone()
+    if paused:
+        raise ConsumerPaused(f"consumer {consumer} is paused")
 
 
 class PermanentFailure(Exception):
@@ -288,6 +383,7 @@ def process_message(consumer: str, message: Any) -> Outcome:
     spec = registry.get(consumer)
     aggregate_type, aggregate_id, version, event_id = parse_message(message)
     with transaction.atomic():
+        check_not_paused(consumer)
         checkpoint = lock_checkpoint(consumer, aggregate_type, aggregate_id)
         if checkpoint.parked:
             return Outcome("parked")
@@ -433,10 +529,16 @@ def consumer_task(consumer: str) -> Any:
         ignore_result=True,
         max_retries=None,
     )
-    def handle_event(self: Any, message: Any) -> str:
-        attempt = self.request.retries + 1
+    def handle_event(self: Any, message: Any, failures: int = 0) -> str:
+        # `failures` counts failed attempts only; waiting out a pause is not one.
+        attempt = failures + 1
         try:
             outcome = process_message(consumer, message)
+        except ConsumerPaused:
+            raise self.retry(
+                countdown=random.uniform(0.5, 1.5),
+                kwargs={"failures": failures},
+            ) from None
         except PermanentFailure as exc:
             dead_letter(consumer, message, str(exc), tb.format_exc(), attempt, None)
             logger.error("%s: invalid message dead-lettered: %s", consumer, exc)
@@ -463,7 +565,7 @@ def consumer_task(consumer: str) -> Any:
                 countdown,
                 exc,
             )
-            raise self.retry(countdown=countdown, exc=exc) from exc
+            raise self.retry(countdown=countdown, kwargs={"failures": attempt}) from exc
         return outcome.status
 
     return handle_event

@@ -154,6 +154,23 @@ class Checkpoint(models.Model):
         return f"{self.consumer} @ {self.aggregate_type}/{self.aggregate_id} v{self.version}{state}"
 
 
+class ConsumerState(models.Model):
+    """Per consumer: paused while `replay_events` rebuilds its read models.
+
+    A paused consumer's messages are retried later, not applied and not lost;
+    its checkpoints stay still, so the rebuild sees a fixed point. See
+    `eventing.replay.paused` for the lock that makes the pause exact.
+    """
+
+    consumer = models.CharField(max_length=100, primary_key=True)
+    paused = models.BooleanField(default=False)
+    paused_reason = models.TextField(blank=True, default="")
+    paused_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.consumer} ({'paused' if self.paused else 'running'})"
+
+
 class DeadLetter(models.Model):
     class Status(models.TextChoices):
         OPEN = "open"

@@ -1,11 +1,16 @@
-"""What inventory does when orders' events arrive."""
+"""What inventory does when events arrive: policies answer orders' events,
+the stock-level projection follows inventory's own events."""
 
 from __future__ import annotations
 
 from eventing.consumers import EventMeta, subscribe
 from orders.events import OrderCancelled, OrderPlaced, OrderShipped
 
-from . import services
+from . import read_models, services
+from .events import StockCommitted, StockItemAdded, StockReceived, StockReleased, StockReserved
+from .read_models import STOCK_LEVELS
+
+# -- policies ---------------------------------------------------------------------
 
 
 @subscribe(OrderPlaced)
@@ -21,3 +26,36 @@ def release_stock(event: OrderCancelled, meta: EventMeta) -> None:
 @subscribe(OrderShipped)
 def commit_stock(event: OrderShipped, meta: EventMeta) -> None:
     services.reservation_commit(order_id=event.order_id)
+
+
+# -- projection: stock levels -----------------------------------------------------------
+
+
+@subscribe(StockItemAdded, projection=STOCK_LEVELS)
+def level_item_added(event: StockItemAdded, meta: EventMeta) -> None:
+    read_models.level_add(sku=event.sku, on_hand=event.on_hand)
+
+
+@subscribe(StockReceived, projection=STOCK_LEVELS)
+def level_received(event: StockReceived, meta: EventMeta) -> None:
+    read_models.level_adjust(sku=event.sku, on_hand=event.quantity)
+
+
+@subscribe(StockReserved, projection=STOCK_LEVELS)
+def level_reserved(event: StockReserved, meta: EventMeta) -> None:
+    for line in event.lines:
+        read_models.level_adjust(sku=line["sku"], reserved=line["quantity"])
+
+
+@subscribe(StockReleased, projection=STOCK_LEVELS)
+def level_released(event: StockReleased, meta: EventMeta) -> None:
+    for line in event.lines:
+        read_models.level_adjust(sku=line["sku"], reserved=-line["quantity"])
+
+
+@subscribe(StockCommitted, projection=STOCK_LEVELS)
+def level_committed(event: StockCommitted, meta: EventMeta) -> None:
+    for line in event.lines:
+        read_models.level_adjust(
+            sku=line["sku"], on_hand=-line["quantity"], reserved=-line["quantity"]
+        )

@@ -58,3 +58,23 @@ class Reservation(EventSourcedModel):
 
     def __str__(self) -> str:
         return f"reservation for order {self.order_id}: {self.status}"
+
+
+class StockLevel(models.Model):
+    """Read model: stock per SKU as the events tell it. Every change is an
+    additive delta, so the lanes (items and reservations) may be applied in
+    any interleaving and still give the same row, live or replayed."""
+
+    sku = models.CharField(max_length=64, primary_key=True)
+    on_hand = models.IntegerField(default=0)
+    reserved = models.IntegerField(default=0)
+
+    class Meta:
+        ordering = ["sku"]
+
+    def __str__(self) -> str:
+        return f"{self.sku}: {self.available} available"
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved

@@ -8,10 +8,11 @@ from inventory.events import StockLow
 from orders.events import OrderCancelled, OrderConfirmed, OrderRejected, OrderShipped
 
 from .models import Notification
+from .read_models import INBOX
 from .services import notification_record
 
 
-@subscribe(OrderConfirmed, side_effects=True)
+@subscribe(OrderConfirmed, side_effects=True, projection=INBOX)
 def order_confirmed(event: OrderConfirmed, meta: EventMeta) -> None:
     notification_record(
         meta=meta,
@@ -23,7 +24,7 @@ def order_confirmed(event: OrderConfirmed, meta: EventMeta) -> None:
     )
 
 
-@subscribe(OrderRejected, side_effects=True)
+@subscribe(OrderRejected, side_effects=True, projection=INBOX)
 def order_rejected(event: OrderRejected, meta: EventMeta) -> None:
     reasons = ", ".join(f"{r.get('sku')}: {r.get('reason')}" for r in event.reasons)
     notification_record(
@@ -36,7 +37,7 @@ def order_rejected(event: OrderRejected, meta: EventMeta) -> None:
     )
 
 
-@subscribe(OrderShipped, side_effects=True)
+@subscribe(OrderShipped, side_effects=True, projection=INBOX)
 def order_shipped(event: OrderShipped, meta: EventMeta) -> None:
     notification_record(
         meta=meta,
@@ -48,7 +49,7 @@ def order_shipped(event: OrderShipped, meta: EventMeta) -> None:
     )
 
 
-@subscribe(OrderCancelled, side_effects=True)
+@subscribe(OrderCancelled, side_effects=True, projection=INBOX)
 def order_cancelled(event: OrderCancelled, meta: EventMeta) -> None:
     notification_record(
         meta=meta,
@@ -60,7 +61,7 @@ def order_cancelled(event: OrderCancelled, meta: EventMeta) -> None:
     )
 
 
-@subscribe(StockLow, side_effects=True)
+@subscribe(StockLow, side_effects=True, projection=INBOX)
 def stock_low(event: StockLow, meta: EventMeta) -> None:
     notification_record(
         meta=meta,

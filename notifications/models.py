@@ -31,6 +31,9 @@ class Notification(models.Model):
     subject = models.CharField(max_length=200)
     body = models.TextField()
     order_id = models.UUIDField(null=True, blank=True, db_index=True)
+    # The id of the aggregate whose event caused this notification: lets
+    # replay rebuild one aggregate's notifications alone.
+    aggregate_id = models.CharField(max_length=100, db_index=True, default="")
     created_at = models.DateTimeField()
     # When this row was written (not the event's time): the unsent sweep
     # leaves fresh rows to their after-commit send.

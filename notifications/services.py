@@ -33,6 +33,7 @@ def notification_record(
             "subject": subject,
             "body": body,
             "order_id": order_id,
+            "aggregate_id": meta.aggregate_id,
             # The event's time, not now(): a replay rebuilds the same row.
             "created_at": meta.time,
             # Replay rebuilds the inbox but never sends: what it records

@@ -1,5 +1,5 @@
-"""What orders does when events arrive: drive the order through the saga
-(inventory's answers) and project the order summary read model."""
+"""What orders does when events arrive: policies drive the order through the
+saga (inventory's answers), projections build orders' read models."""
 
 from __future__ import annotations
 
@@ -17,23 +17,13 @@ from inventory.events import (
 from . import read_models, services
 from .events import OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, OrderShipped
 from .models import Order
+from .read_models import CATALOG, SUMMARY
 
-
-@subscribe(StockItemAdded)
-def add_to_catalog(event: StockItemAdded, meta: EventMeta) -> None:
-    services.catalog_upsert(
-        sku=event.sku, name=event.item_name, unit_price=Decimal(event.unit_price)
-    )
-
-
-# -- the saga: inventory's answers move the order ---------------------------------
+# -- policies: inventory's answers move the order (never rerun by replay) ----------
 
 
 @subscribe(StockReserved)
 def confirm_order(event: StockReserved, meta: EventMeta) -> None:
-    read_models.summary_touch(meta=meta, order_id=event.order_id)
-    if meta.replaying:
-        return  # replay rebuilds read models; it never re-issues commands
     order = Order.objects.get(pk=event.order_id)
     # A customer may cancel before inventory answers; inventory then releases
     # the reservation on OrderCancelled, and there is nothing to confirm.
@@ -43,28 +33,25 @@ def confirm_order(event: StockReserved, meta: EventMeta) -> None:
 
 @subscribe(StockReservationFailed)
 def reject_order(event: StockReservationFailed, meta: EventMeta) -> None:
-    read_models.summary_touch(meta=meta, order_id=event.order_id, detail={"reasons": event.reasons})
-    if meta.replaying:
-        return
     order = Order.objects.get(pk=event.order_id)
     if order.status == Order.Status.PENDING:
         services.order_reject(order_id=event.order_id, reasons=event.reasons)
 
 
-@subscribe(StockReleased)
-def stock_released(event: StockReleased, meta: EventMeta) -> None:
-    read_models.summary_touch(meta=meta, order_id=event.order_id)
+# -- projection: orders' own catalog, from inventory's events ------------------------
 
 
-@subscribe(StockCommitted)
-def stock_committed(event: StockCommitted, meta: EventMeta) -> None:
-    read_models.summary_touch(meta=meta, order_id=event.order_id)
+@subscribe(StockItemAdded, projection=CATALOG)
+def add_to_catalog(event: StockItemAdded, meta: EventMeta) -> None:
+    services.catalog_upsert(
+        sku=event.sku, name=event.item_name, unit_price=Decimal(event.unit_price)
+    )
 
 
-# -- the order summary read model ---------------------------------------------------
+# -- projection: the order summary and its cross-app timeline ------------------------
 
 
-@subscribe(OrderPlaced)
+@subscribe(OrderPlaced, projection=SUMMARY)
 def summary_placed(event: OrderPlaced, meta: EventMeta) -> None:
     read_models.summary_placed(
         meta=meta,
@@ -75,23 +62,43 @@ def summary_placed(event: OrderPlaced, meta: EventMeta) -> None:
     )
 
 
-@subscribe(OrderConfirmed)
+@subscribe(OrderConfirmed, projection=SUMMARY)
 def summary_confirmed(event: OrderConfirmed, meta: EventMeta) -> None:
     read_models.summary_touch(meta=meta, order_id=event.order_id, status="CONFIRMED")
 
 
-@subscribe(OrderRejected)
+@subscribe(OrderRejected, projection=SUMMARY)
 def summary_rejected(event: OrderRejected, meta: EventMeta) -> None:
     read_models.summary_touch(
         meta=meta, order_id=event.order_id, status="REJECTED", detail={"reasons": event.reasons}
     )
 
 
-@subscribe(OrderCancelled)
+@subscribe(OrderCancelled, projection=SUMMARY)
 def summary_cancelled(event: OrderCancelled, meta: EventMeta) -> None:
     read_models.summary_touch(meta=meta, order_id=event.order_id, status="CANCELLED")
 
 
-@subscribe(OrderShipped)
+@subscribe(OrderShipped, projection=SUMMARY)
 def summary_shipped(event: OrderShipped, meta: EventMeta) -> None:
     read_models.summary_touch(meta=meta, order_id=event.order_id, status="SHIPPED")
+
+
+@subscribe(StockReserved, projection=SUMMARY)
+def summary_stock_reserved(event: StockReserved, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id)
+
+
+@subscribe(StockReservationFailed, projection=SUMMARY)
+def summary_reservation_failed(event: StockReservationFailed, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id, detail={"reasons": event.reasons})
+
+
+@subscribe(StockReleased, projection=SUMMARY)
+def summary_stock_released(event: StockReleased, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id)
+
+
+@subscribe(StockCommitted, projection=SUMMARY)
+def summary_stock_committed(event: StockCommitted, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id)

@@ -6,9 +6,15 @@ from __future__ import annotations
 import bisect
 from decimal import Decimal
 
-from eventing.consumers import EventMeta
+from eventing.consumers import EventMeta, Projection, ReadModel
 
-from .models import OrderSummary
+from .models import CatalogItem, OrderSummary
+
+# Both are keyed by an aggregate id: OrderSummary rows by the order id (the
+# id of the orders.Order and inventory.Reservation streams alike), catalog
+# rows by the sku (the inventory.StockItem stream).
+SUMMARY = Projection("orders.summary", [ReadModel(OrderSummary, key_field="order_id")])
+CATALOG = Projection("orders.catalog", [ReadModel(CatalogItem, key_field="sku")])
 
 
 def timeline_entry(meta: EventMeta, detail: dict | None = None) -> dict:

@@ -13,7 +13,12 @@ from .support import Worker, purge_queues, queue_depths, wait_for
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
-    path = Path(__file__).resolve().parent.parent / "test-artifacts"
+    """Per test session (named by its queue prefix), so two sessions on one
+    machine never count each other's mails or read each other's logs."""
+    from django.conf import settings
+
+    session = settings.EVENTING_QUEUE_PREFIX.strip(".") or "default"
+    path = Path(__file__).resolve().parent.parent / "test-artifacts" / session
     (path / "mail").mkdir(parents=True, exist_ok=True)
     return path
 

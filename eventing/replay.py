@@ -1,0 +1,320 @@
+"""Rebuilding projections' read models from the event store.
+
+Exactness: a projection's rows are a function of the events its consumer has
+applied, i.e. of each lane's events up to the lane's checkpoint. Replay pauses
+the consumer (so checkpoints hold still), clears the rows and reapplies the
+projection's handlers to exactly those events, in global position order.
+Events past a checkpoint are left to the live path, which catches them up
+after the pause ends. Checkpoints are never moved by replay, so policies
+(handlers that issue commands) are neither rerun nor skipped.
+
+Safety while live: `paused()` sets the consumer's pause flag, then takes the
+consumer's advisory lock exclusively once, which waits for every transaction
+that started before the flag (they hold it shared) to finish. Messages that
+arrive during the pause are retried by the consumer task later; none is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from . import context
+from .consumers import EventMeta, Projection, ReadModel, consumer_lock_key
+from .consumers import registry as consumers
+from .events import registry as event_registry
+from .models import Checkpoint, ConsumerState, StoredEvent
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+Snapshot = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+
+
+class ReplayError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Difference:
+    read_model: str
+    key: tuple[Any, ...]
+    live: dict[str, Any] | None
+    rebuilt: dict[str, Any] | None
+
+    def describe(self) -> str:
+        row = f"{self.read_model} {'/'.join(str(part) for part in self.key)}"
+        if self.live is None:
+            return f"{row}: missing from the live read model"
+        if self.rebuilt is None:
+            return f"{row}: in the live read model, not derived from events"
+        fields = sorted(k for k in self.live if self.live[k] != self.rebuilt.get(k))
+        changes = ", ".join(f"{f}: {self.live[f]!r} -> {self.rebuilt.get(f)!r}" for f in fields)
+        return f"{row}: {changes}"
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    projections: list[str]
+    events_read: int = 0
+    events_applied: int = 0
+    rows_cleared: int = 0
+    committed: bool = False
+    differences: list[Difference] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def paused(consumer_names: Iterable[str], reason: str) -> Iterator[None]:
+    names = sorted(set(consumer_names))
+    now = timezone.now()
+    for name in names:
+        ConsumerState.objects.update_or_create(
+            consumer=name, defaults={"paused": True, "paused_reason": reason, "paused_at": now}
+        )
+    with connection.cursor() as cursor:
+        for name in names:
+            # Live transactions hold this lock shared from before they read
+            # the flag until they commit: getting it once means every one
+            # that could have missed the flag is done.
+            cursor.execute("SELECT pg_advisory_lock(%s)", [consumer_lock_key(name)])
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [consumer_lock_key(name)])
+    try:
+        yield
+    finally:
+        resume(names)
+
+
+def resume(names: Iterable[str]) -> None:
+    ConsumerState.objects.filter(consumer__in=list(names)).update(
+        paused=False, paused_reason="", paused_at=None
+    )
+
+
+def _row_key(read_model: ReadModel, values: dict[str, Any]) -> tuple[Any, ...]:
+    pk_name = read_model.model._meta.pk.attname
+    return tuple(values[pk_name if f == "pk" else f] for f in read_model.natural_key)
+
+
+def snapshot(projections: list[Projection], keys: set[str] | None = None) -> Snapshot:
+    """Every row of the projections' read models, keyed by natural key, with
+    the compared fields only."""
+    result: Snapshot = {}
+    for projection in projections:
+        for read_model in projection.read_models:
+            exclude = set(read_model.compare_exclude)
+            qs = read_model.model.objects.all()
+            if keys is not None and read_model.key_field:
+                qs = qs.filter(**{f"{read_model.key_field}__in": keys})
+            rows = {}
+            for values in qs.values():
+                key = _row_key(read_model, values)
+                rows[key] = {k: v for k, v in values.items() if k not in exclude}
+            result[read_model.label] = rows
+    return result
+
+
+def diff(live: Snapshot, rebuilt: Snapshot) -> list[Difference]:
+    differences = []
+    for label in sorted(set(live) | set(rebuilt)):
+        before, after = live.get(label, {}), rebuilt.get(label, {})
+        for key in sorted(set(before) | set(after), key=repr):
+            if before.get(key) != after.get(key):
+                differences.append(Difference(label, key, before.get(key), after.get(key)))
+    return differences
+
+
+def _clear(projection: Projection, keys: set[str] | None) -> int:
+    cleared = 0
+    for read_model in projection.read_models:
+        qs = read_model.model.objects.all()
+        if keys is not None:
+            assert read_model.key_field
+            qs = qs.filter(**{f"{read_model.key_field}__in": keys})
+        # Read models are not event-sourced: deleting rows is their reset.
+        # (No other table points at them, so Django issues one DELETE.)
+        cleared += qs.delete()[0]
+    return cleared
+
+
+def _event_filter(
+    *, aggregate_ids: set[str] | None, event_types: set[str] | None, from_position: int | None
+) -> Q:
+    q = Q()
+    if aggregate_ids is not None:
+        q &= Q(aggregate_id__in=aggregate_ids)
+    if event_types is not None:
+        q &= Q(event_type__in=event_types)
+    if from_position is not None:
+        q &= Q(position__gte=from_position)
+    return q
+
+
+def affected_aggregates(
+    projections: list[Projection],
+    *,
+    aggregate_ids: set[str] | None,
+    event_types: set[str] | None,
+    from_position: int | None,
+) -> set[str] | None:
+    """The aggregate ids whose rows a filtered rebuild must redo (None: all)."""
+    if aggregate_ids is None and event_types is None and from_position is None:
+        return None
+    if aggregate_ids is not None and event_types is None and from_position is None:
+        return aggregate_ids
+    types = {name for p in projections for name in _handled_types(p)}
+    q = _event_filter(
+        aggregate_ids=aggregate_ids, event_types=event_types, from_position=from_position
+    )
+    return set(
+        StoredEvent.objects.filter(q, event_type__in=types)
+        .values_list("aggregate_id", flat=True)
+        .distinct()
+    )
+
+
+def _handled_types(projection: Projection) -> set[str]:
+    spec = consumers.get(projection.consumer)
+    return {
+        name
+        for name, specs in spec.handlers.items()
+        if any(h.projection == projection.name for h in specs)
+    }
+
+
+def rebuild(
+    projections: list[Projection],
+    *,
+    aggregate_ids: set[str] | None = None,
+    commit: bool = True,
+    compare: bool = False,
+    batch_size: int = 2000,
+    progress: Callable[[int], None] | None = None,
+    total_hint: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """Rebuild the projections (all their rows, or the rows of `aggregate_ids`).
+
+    With `commit=False` the rebuild happens in a transaction that is rolled
+    back: a scratch space no reader ever sees. With `compare=True` the live
+    rows are snapshotted first and the differences reported.
+    """
+    result = ReplayResult(projections=[p.name for p in projections])
+    consumer_names = {p.consumer for p in projections}
+    # A projection whose rows depend on several streams cannot be rebuilt
+    # for a few aggregates alone: rebuild it whole.
+    scopes = {p.name: (aggregate_ids if p.partial_rebuild_possible else None) for p in projections}
+    with paused(consumer_names, reason="replay_events"), transaction.atomic():
+        live = (
+            {
+                label: rows
+                for p in projections
+                for label, rows in snapshot([p], scopes[p.name]).items()
+            }
+            if compare
+            else {}
+        )
+        checkpoints = _load_checkpoints(consumer_names)
+        for projection in projections:
+            result.rows_cleared += _clear(projection, scopes[projection.name])
+        handlers = _handlers_by_type(projections)
+        q = Q(event_type__in=list(handlers))
+        if all(scope is not None for scope in scopes.values()) and aggregate_ids is not None:
+            q &= Q(aggregate_id__in=aggregate_ids)
+        events = StoredEvent.objects.filter(q).order_by("position")
+        if total_hint is not None:
+            total_hint(events.count())
+        with context.scope(replaying=True, in_handler=True, side_effects=True):
+            for row in events.iterator(chunk_size=batch_size):
+                result.events_read += 1
+                if progress is not None and result.events_read % 500 == 0:
+                    progress(500)
+                applied = _apply(row, handlers, checkpoints, scopes)
+                result.events_applied += applied
+        if progress is not None:
+            progress(result.events_read % 500)
+        if compare:
+            rebuilt = {
+                label: rows
+                for p in projections
+                for label, rows in snapshot([p], scopes[p.name]).items()
+            }
+            result.differences = diff(live, rebuilt)
+        if not commit:
+            transaction.set_rollback(True)
+        result.committed = commit
+    return result
+
+
+def _load_checkpoints(consumer_names: set[str]) -> dict[tuple[str, str, str], int]:
+    return {
+        (c, t, i): v
+        for c, t, i, v in Checkpoint.objects.filter(consumer__in=consumer_names).values_list(
+            "consumer", "aggregate_type", "aggregate_id", "version"
+        )
+    }
+
+
+HandlerEntry = tuple[Projection, Any]
+
+
+def _handlers_by_type(projections: list[Projection]) -> dict[str, list[HandlerEntry]]:
+    wanted = {p.name: p for p in projections}
+    by_type: dict[str, list[HandlerEntry]] = {}
+    for projection in projections:
+        spec = consumers.get(projection.consumer)
+        for name, specs in spec.handlers.items():
+            for handler in specs:
+                if handler.projection in wanted and handler.projection == projection.name:
+                    by_type.setdefault(name, []).append((projection, handler))
+    return by_type
+
+
+def _apply(
+    row: StoredEvent,
+    handlers: dict[str, list[HandlerEntry]],
+    checkpoints: dict[tuple[str, str, str], int],
+    scopes: dict[str, set[str] | None],
+) -> int:
+    applied = 0
+    event = None
+    for projection, handler in handlers.get(row.event_type, []):
+        scope = scopes[projection.name]
+        if scope is not None and row.aggregate_id not in scope:
+            continue
+        lane = (projection.consumer, row.aggregate_type, row.aggregate_id)
+        if row.version > checkpoints.get(lane, 0):
+            continue  # not applied live yet: the live path will apply it
+        if event is None:
+            try:
+                event = event_registry.decode(row.event_type, row.schema_version, row.payload)
+            except Exception as exc:
+                raise ReplayError(f"cannot decode event #{row.position}: {exc}") from exc
+        meta = EventMeta(
+            event_id=str(row.event_id),
+            event_type=row.event_type,
+            position=row.position,
+            aggregate_type=row.aggregate_type,
+            aggregate_id=row.aggregate_id,
+            version=row.version,
+            time=row.time,
+            correlation_id=row.correlation_id,
+            causation_id=row.causation_id,
+            actor=row.actor,
+            consumer=projection.consumer,
+            replaying=True,
+        )
+        try:
+            handler.func(event, meta)
+        except Exception as exc:
+            raise ReplayError(
+                f"{handler.qualname} failed on event #{row.position} "
+                f"({row.event_type} {row.aggregate_type}/{row.aggregate_id} v{row.version}): {exc}"
+            ) from exc
+        applied += 1
+    return applied
