@@ -184,6 +184,9 @@ EVENTING = {
     "RETRY_BASE_SECONDS": env.float("EVENTING_RETRY_BASE_SECONDS", default=1.0),
     "RETRY_MAX_SECONDS": env.float("EVENTING_RETRY_MAX_SECONDS", default=60.0),
     "MAX_CHAIN_DEPTH": env.int("EVENTING_MAX_CHAIN_DEPTH", default=20),
+    # Read-your-writes: how long a query given a consistency token waits.
+    "CONSISTENCY_WAIT_SECONDS": env.float("EVENTING_CONSISTENCY_WAIT_SECONDS", default=5.0),
+    "CONSISTENCY_POLL_SECONDS": env.float("EVENTING_CONSISTENCY_POLL_SECONDS", default=0.02),
     "QUEUE_PREFIX": EVENTING_QUEUE_PREFIX,
 }
 

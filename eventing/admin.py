@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from . import consumers
-from .models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
+from .models import Checkpoint, ConsumerState, DeadLetter, OutboxMessage, StoredEvent
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -133,3 +133,11 @@ class DeadLetterAdmin(admin.ModelAdmin):
             )
             done += 1
         self.message_user(request, f"Discarded {done} dead letter(s).", messages.WARNING)
+
+
+@admin.register(ConsumerState)
+class ConsumerStateAdmin(ReadOnlyAdmin):
+    """Paused while replay_events rebuilds a consumer's read models; an
+    interrupted replay is resumed with `replay_events --resume`."""
+
+    list_display = ["consumer", "paused", "paused_at", "paused_reason"]

@@ -1,9 +1,7 @@
 """REST for the platform: read-your-writes consistency tokens (used by every
 business app's API), the event store browser and the ops status (staff only).
 
-Knows no business app. The consistency helpers and `eventing_status()` are
-plain functions so they can move to their own modules (`consistency.py`,
-`selectors.py`) without touching the views that use them.
+Knows no business app. The status comes from `eventing.selectors`.
 """
 
 from __future__ import annotations
@@ -14,8 +12,7 @@ import time
 from typing import Any, ClassVar
 
 from django.conf import settings
-from django.db.models import Count, Max, Min, QuerySet
-from django.utils import timezone
+from django.db.models import Max, QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, viewsets
@@ -27,7 +24,8 @@ from rest_framework.views import APIView
 
 from .consumers import registry as consumer_registry
 from .events import registry as event_registry
-from .models import Checkpoint, DeadLetter, EventSourcedModel, OutboxMessage, StoredEvent
+from .models import Checkpoint, EventSourcedModel, StoredEvent
+from .selectors import eventing_status
 from .serializers import EventFilterSerializer, EventingStatusSerializer, StoredEventSerializer
 
 # -- read your writes ------------------------------------------------------------
@@ -312,50 +310,10 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
 
 # -- ops status --------------------------------------------------------------------
 
-PARKED_LANES_SHOWN = 50
-
-
-def eventing_status(*, parked_limit: int = PARKED_LANES_SHOWN) -> dict[str, Any]:
-    """Outbox backlog, open dead letters and parked lanes: what an operator
-    checks first when "my order is stuck"."""
-    now = timezone.now()
-    outbox = OutboxMessage.objects.aggregate(pending=Count("id"), oldest=Min("created_at"))
-    failing = OutboxMessage.objects.filter(attempts__gt=0).count()
-    open_dead = DeadLetter.objects.filter(status=DeadLetter.Status.OPEN)
-    by_consumer = dict(
-        open_dead.values_list("consumer").annotate(n=Count("id")).order_by("consumer")
-    )
-    parked = Checkpoint.objects.filter(parked=True)
-    lanes = parked.order_by("updated_at", "pk")[:parked_limit]
-    oldest = outbox["oldest"]
-    return {
-        "generated_at": now,
-        "outbox": {
-            "pending": outbox["pending"],
-            "failing": failing,
-            "oldest_age_seconds": (now - oldest).total_seconds() if oldest else None,
-        },
-        "dead_letters": {"open": sum(by_consumer.values()), "by_consumer": by_consumer},
-        "parked_lanes": {
-            "count": parked.count(),
-            "shown": [
-                {
-                    "consumer": lane.consumer,
-                    "aggregate_type": lane.aggregate_type,
-                    "aggregate_id": lane.aggregate_id,
-                    "version": lane.version,
-                    "reason": lane.parked_reason,
-                    "since": lane.updated_at,
-                }
-                for lane in lanes
-            ],
-        },
-    }
-
 
 class EventingStatusView(APIView):
     permission_classes = [IsAdminUser]
 
     @extend_schema(responses={200: EventingStatusSerializer})
     def get(self, request: Request) -> Response:
-        return Response(EventingStatusSerializer(eventing_status()).data)
+        return Response(EventingStatusSerializer(eventing_status(parked_limit=50)).data)

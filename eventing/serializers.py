@@ -74,8 +74,31 @@ class ParkedLanesSerializer(serializers.Serializer):
     shown = ParkedLaneSerializer(many=True, help_text="the oldest parked lanes (at most 50)")
 
 
+class QueueDepthSerializer(serializers.Serializer):
+    ready = serializers.IntegerField(help_text="messages waiting on the consumer's queue")
+    consumers = serializers.IntegerField(help_text="workers consuming the queue")
+
+
+class LagSerializer(serializers.Serializer):
+    events = serializers.IntegerField(
+        help_text="subscribed events not yet applied (among the newest 50,000)"
+    )
+    oldest_age_seconds = serializers.FloatField(allow_null=True)
+
+
+class ConsumerStatusSerializer(serializers.Serializer):
+    consumer = serializers.CharField()
+    queue = serializers.CharField()
+    queue_depth = QueueDepthSerializer(allow_null=True, help_text="null when the broker is down")
+    lag = LagSerializer()
+    paused = serializers.BooleanField(help_text="paused by a running replay_events")
+    dead_letters = serializers.IntegerField()
+    parked_lanes = serializers.IntegerField()
+
+
 class EventingStatusSerializer(serializers.Serializer):
     generated_at = serializers.DateTimeField()
     outbox = OutboxStatusSerializer()
+    consumers = ConsumerStatusSerializer(many=True)
     dead_letters = DeadLetterStatusSerializer()
     parked_lanes = ParkedLanesSerializer()

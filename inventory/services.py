@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from decimal import Decimal
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from . import events
 from .models import Reservation, StockItem
@@ -37,7 +37,12 @@ def item_add(
                 low_stock_threshold=low_stock_threshold,
             )
         )
-        item.save(force_insert=True)
+        try:
+            item.save(force_insert=True)
+        except IntegrityError as exc:
+            # Two simultaneous adds of one SKU: the loser gets the same answer
+            # as a plain duplicate.
+            raise InventoryError(f"item {sku} already exists") from exc
     return item
 
 

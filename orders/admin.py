@@ -1,52 +1,18 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
 
 from . import services
-from .models import CatalogItem, InvalidTransition, Order
+from .models import CatalogItem, InvalidTransition, Order, OrderSummary
 
 
-@admin.register(Order)
-class OrderAdmin(admin.ModelAdmin):
-    """Orders change only through domain methods, so admin actions emit the
-    same events as the API; the fields themselves are read-only."""
-
-    list_display = ["id", "customer", "status", "total", "created_at"]
-    list_filter = ["status"]
-    search_fields = ["=id", "customer__username"]
-    readonly_fields = [f.name for f in Order._meta.fields]
-    actions = ["cancel_selected", "ship_selected"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def _apply(self, request: HttpRequest, queryset: QuerySet[Order], command: Any) -> None:
-        for order in queryset:
-            try:
-                command(order_id=str(order.pk))
-            except InvalidTransition as exc:
-                self.message_user(request, f"{order.pk}: {exc}", messages.ERROR)
-
-    @admin.action(description="Cancel selected orders")
-    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
-        self._apply(request, queryset, services.order_cancel)
-
-    @admin.action(description="Ship selected orders")
-    def ship_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
-        self._apply(request, queryset, services.order_ship)
-
-
-@admin.register(CatalogItem)
-class CatalogItemAdmin(admin.ModelAdmin):
-    list_display = ["sku", "name", "unit_price"]
-
+class ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -55,3 +21,60 @@ class CatalogItemAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(Order)
+class OrderAdmin(ReadOnlyAdmin):
+    """Orders change only through domain methods, so admin actions emit the
+    same events as the API. The change page is view-only: saving it would
+    rewrite the row without an event."""
+
+    list_display = ["id", "customer", "status", "total", "created_at"]
+    list_filter = ["status"]
+    search_fields = ["=id", "customer__username"]
+    actions = ["cancel_selected", "ship_selected"]
+
+    def has_transition_permission(self, request: HttpRequest) -> bool:
+        # The actions need the change permission the view-only page withholds.
+        return request.user.has_perm("orders.change_order")
+
+    def _apply(self, request: HttpRequest, queryset: QuerySet[Order], command: Any) -> None:
+        done = 0
+        for order in queryset:
+            try:
+                command(order_id=str(order.pk))
+                done += 1
+            except InvalidTransition as exc:
+                self.message_user(request, f"{order.pk}: {exc}", messages.ERROR)
+        if done:
+            self.message_user(request, f"{done} order(s) updated.", messages.SUCCESS)
+
+    @admin.action(description="Cancel selected orders", permissions=["transition"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
+        self._apply(request, queryset, services.order_cancel)
+
+    @admin.action(description="Ship selected orders", permissions=["transition"])
+    def ship_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
+        self._apply(request, queryset, services.order_ship)
+
+
+@admin.register(OrderSummary)
+class OrderSummaryAdmin(ReadOnlyAdmin):
+    """The read model, as built by the orders consumer (rebuild it by replay)."""
+
+    list_display = ["order_id", "customer_id", "status", "total", "placed_at", "updated_at"]
+    list_filter = ["status"]
+    search_fields = ["=order_id", "=customer_id"]
+    exclude = ["timeline"]
+    readonly_fields = ["pretty_timeline"]
+
+    @admin.display(description="timeline")
+    def pretty_timeline(self, obj: OrderSummary) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.timeline, indent=2, sort_keys=True))
+
+
+@admin.register(CatalogItem)
+class CatalogItemAdmin(ReadOnlyAdmin):
+    """Orders' copy of the catalog, built from inventory's events."""
+
+    list_display = ["sku", "name", "unit_price"]

@@ -120,9 +120,7 @@ class Command(BaseCommand):
             from_position=position,
         )
         scratch = options["dry_run"] or options["verify"]
-        bar = tqdm(
-            desc="replaying", unit="ev", disable=None, file=sys.stderr, dynamic_ncols=True
-        )
+        bar = tqdm(desc="replaying", unit="ev", disable=None, file=sys.stderr, dynamic_ncols=True)
         started = time.monotonic()
         try:
             result = replay.rebuild(

@@ -1,0 +1,67 @@
+"""Benchmark sizes: the full run, the quick smoke run, and CLI overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+@dataclasses.dataclass
+class Sizes:
+    repeats: int = 3
+    relay_events: int = 100_000  # a_relay: pre-filled outbox
+    latency_rate: float = 200.0  # b_latency: orders/s
+    latency_seconds: float = 60.0
+    latency_low_rate: float = 20.0  # b_latency: one extra run at a rate it sustains
+    latency_baseline_tasks: int = 300
+    consumer_events: int = 50_000  # c_consumer: backlog on one queue
+    replay_events: int = 1_000_000  # d_replay: stored events read
+    write_orders: int = 2_000  # e_write: orders per run
+    scale_small: int = 10_000  # f_scale: store sizes
+    scale_large: int = 5_000_000
+    scale_outbox: int = 20_000  # f_scale: outbox rows, both sizes
+    soak_seconds: float = 600.0  # g_memory
+    soak_rate: float = 10.0
+    soak_warmup: float = 60.0
+    soak_window: float = 60.0
+    soak_interval: float = 5.0
+
+
+QUICK = Sizes(
+    repeats=3,
+    relay_events=20_000,
+    latency_rate=200.0,
+    latency_seconds=10.0,
+    latency_baseline_tasks=150,
+    consumer_events=5_000,
+    replay_events=200_000,
+    write_orders=500,
+    scale_small=10_000,
+    scale_large=500_000,
+    scale_outbox=20_000,
+    soak_seconds=60.0,
+    soak_rate=10.0,
+    soak_warmup=10.0,
+    soak_window=15.0,
+    soak_interval=1.0,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(Sizes):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(field.default),
+            default=None,
+            metavar="N",
+            help=f"default {field.default:,} (quick: {getattr(QUICK, field.name):,})",
+        )
+
+
+def from_args(args: argparse.Namespace) -> Sizes:
+    sizes = dataclasses.replace(QUICK if args.quick else Sizes())
+    for field in dataclasses.fields(Sizes):
+        value = getattr(args, field.name)
+        if value is not None:
+            setattr(sizes, field.name, value)
+    return sizes
