@@ -5,4 +5,4 @@ class NotificationsConfig(AppConfig):
     name = "notifications"
 
     def ready(self) -> None:
-        from . import handlers  # noqa: F401 - registers handlers
+        from . import events, handlers  # noqa: F401 - registers events and handlers

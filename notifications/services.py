@@ -6,11 +6,15 @@ import uuid
 
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mail
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import F, Max
 from django.utils import timezone
 
+from eventing import context, store
 from eventing.consumers import EventMeta, after_commit
+from eventing.models import StoredEvent
 
+from . import events
 from .models import Notification
 
 
@@ -50,19 +54,69 @@ def notification_record(
 
 def notification_send(*, notification_id: int) -> bool:
     """Send once: the row lock and `sent_at` make a redelivered send a no-op.
-    Returns whether this call sent it."""
+    Returns whether this call sent it.
+
+    The mail leaves inside the transaction that marks it sent and appends
+    CustomerNotified: if the mail fails, nothing is marked or appended and the
+    task retries. A crash between the mail and the commit sends it again on
+    the next try: email is at-least-once, the inbox record exactly once.
+    """
     with transaction.atomic():
         notification = Notification.objects.select_for_update().get(pk=notification_id)
         if notification.sent_at is not None:
             return False
+        if notification.order_id is not None:
+            _append_customer_notified(notification)
         recipients = _recipients(notification)
-        notification.send_attempts += 1
         if recipients:
             send_mail(notification.subject, notification.body, None, recipients)
         notification.sent_at = timezone.now()
+        notification.send_attempts += 1
         notification.last_error = ""
         notification.save(update_fields=["sent_at", "send_attempts", "last_error"])
     return True
+
+
+def notification_send_failed(*, notification_id: int, error: str) -> None:
+    """Record a failed attempt (outside the rolled-back send transaction)."""
+    Notification.objects.filter(pk=notification_id).update(
+        send_attempts=F("send_attempts") + 1, last_error=error[:2000]
+    )
+
+
+def _append_customer_notified(notification: Notification) -> None:
+    """Caller holds the transaction. The order's notification stream has one
+    writer at a time: an advisory lock on the order id serialises them, so the
+    head read here is the version the append expects."""
+    order_id = str(notification.order_id)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"notify:{order_id}"])
+    head = (
+        StoredEvent.objects.filter(
+            aggregate_type=events.ORDER_NOTIFICATIONS, aggregate_id=order_id
+        ).aggregate(head=Max("version"))["head"]
+        or 0
+    )
+    source = StoredEvent.objects.filter(event_id=notification.source_event_id).first()
+    with context.scope(
+        correlation_id=source.correlation_id if source else None,
+        causation_id=str(notification.source_event_id),
+        actor="notifications",
+        chain_depth=(source.chain_depth + 1) if source else 0,
+    ):
+        store.append(
+            aggregate_type=events.ORDER_NOTIFICATIONS,
+            aggregate_id=order_id,
+            expected_version=head,
+            events=[
+                events.CustomerNotified(
+                    order_id=order_id,
+                    customer_id=notification.customer_id or 0,
+                    kind=notification.kind,
+                    notification_event_id=str(notification.source_event_id),
+                )
+            ],
+        )
 
 
 def notifications_unsent(*, older_than_seconds: float) -> list[int]:

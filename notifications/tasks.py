@@ -33,4 +33,5 @@ def send_notification(self: Any, notification_id: int) -> None:
     try:
         services.notification_send(notification_id=notification_id)
     except Exception as exc:
+        services.notification_send_failed(notification_id=notification_id, error=repr(exc))
         raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc

@@ -13,6 +13,7 @@ from inventory.events import (
     StockReservationFailed,
     StockReserved,
 )
+from notifications.events import CustomerNotified
 
 from . import read_models, services
 from .events import OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, OrderShipped
@@ -102,3 +103,8 @@ def summary_stock_released(event: StockReleased, meta: EventMeta) -> None:
 @subscribe(StockCommitted, projection=SUMMARY)
 def summary_stock_committed(event: StockCommitted, meta: EventMeta) -> None:
     read_models.summary_touch(meta=meta, order_id=event.order_id)
+
+
+@subscribe(CustomerNotified, projection=SUMMARY)
+def summary_customer_notified(event: CustomerNotified, meta: EventMeta) -> None:
+    read_models.summary_touch(meta=meta, order_id=event.order_id, detail={"kind": event.kind})

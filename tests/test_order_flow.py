@@ -54,12 +54,27 @@ def test_order_placed_over_http_is_confirmed_and_reserves_stock(live: object) ->
     )
     item = StockItem.objects.get(sku="SKU-MUG")
     assert (item.on_hand, item.reserved, item.available) == (10, 3, 7)
-    types = list(
-        StoredEvent.objects.filter(
-            correlation_id=StoredEvent.objects.get(event_type="orders.OrderPlaced").correlation_id
-        ).values_list("event_type", flat=True)
+    correlation = StoredEvent.objects.get(event_type="orders.OrderPlaced").correlation_id
+    chain = wait_for(
+        lambda: (
+            (
+                types := list(
+                    StoredEvent.objects.filter(correlation_id=correlation).values_list(
+                        "event_type", flat=True
+                    )
+                )
+            )
+            and len(types) == 4
+            and types
+        ),
+        what="the confirmation to be sent as well",
     )
-    assert types == ["orders.OrderPlaced", "inventory.StockReserved", "orders.OrderConfirmed"]
+    assert chain == [
+        "orders.OrderPlaced",
+        "inventory.StockReserved",
+        "orders.OrderConfirmed",
+        "notifications.CustomerNotified",
+    ]
 
 
 def test_order_for_more_than_stock_is_rejected_and_stock_unchanged(live: object) -> None:

@@ -265,3 +265,31 @@ def test_chain_depth_limit_dead_letters_a_runaway_chain(live: Worker, settings: 
     assert dead.attempts == 1
     assert dead.event.aggregate_id == str(order_place_at_limit.pk)
     assert not StoredEvent.objects.filter(event_type="inventory.StockReserved").exists()
+
+
+def test_unknown_event_type_is_dead_lettered_and_parks_its_lane(live: Worker) -> None:
+    from orders.tasks import handle_event
+
+    order_id = str(uuid.uuid4())
+    # A newer producer wrote a type this deployment has never heard of.
+    with transaction.atomic():
+        stranger = StoredEvent.objects.create(
+            event_id=uuid.uuid4(),
+            aggregate_type="orders.Order",
+            aggregate_id=order_id,
+            version=1,
+            event_type="orders.OrderTeleported",
+            schema_version=1,
+            payload={"order_id": order_id},
+            source="/future",
+            correlation_id="c-stranger",
+        )
+    handle_event.apply_async(args=(stranger.envelope(),))
+
+    dead = wait_for(
+        lambda: DeadLetter.objects.filter(event=stranger, consumer="orders").first(),
+        what="a dead letter for the unknown type",
+    )
+    assert dead.attempts == 1
+    assert "unknown event type 'orders.OrderTeleported'" in dead.error
+    assert Checkpoint.objects.get(consumer="orders", aggregate_id=order_id).parked
