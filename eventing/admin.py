@@ -31,6 +31,7 @@ def _pretty(data: Any) -> str:
 @admin.register(StoredEvent)
 class StoredEventAdmin(ReadOnlyAdmin):
     list_display = ["position", "event_type", "aggregate_type", "aggregate_id", "version", "time"]
+    list_display_links = ["position", "event_type"]
     list_filter = ["event_type", "aggregate_type"]
     search_fields = ["=aggregate_id", "=correlation_id", "=event_id", "=causation_id"]
     readonly_fields = ["causation_link", "caused_events", "pretty_payload"]
@@ -88,7 +89,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         "consumer",
         "event",
         "error",
-        "traceback",
+        "formatted_traceback",
         "attempts",
         "status",
         "created_at",
@@ -97,8 +98,12 @@ class DeadLetterAdmin(admin.ModelAdmin):
         "resolution_note",
         "pretty_message",
     ]
-    exclude = ["message"]
+    exclude = ["message", "traceback"]
     actions = ["redrive_selected", "discard_selected"]
+
+    @admin.display(description="traceback")
+    def formatted_traceback(self, obj: DeadLetter) -> str:
+        return format_html('<pre class="traceback">{}</pre>', obj.traceback)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -6,7 +6,10 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from eventing.models import StoredEvent
 
 from . import services
 from .models import CatalogItem, InvalidTransition, Order, OrderSummary
@@ -33,6 +36,33 @@ class OrderAdmin(ReadOnlyAdmin):
     list_filter = ["status"]
     search_fields = ["=id", "customer__username"]
     actions = ["cancel_selected", "ship_selected"]
+    readonly_fields = ["event_timeline"]
+
+    @admin.display(description="event timeline")
+    def event_timeline(self, obj: Order) -> str:
+        """Every stored event about this order, from every app: the order's
+        own stream, inventory's reservation and notifications' deliveries are
+        all keyed by the order id. Each links to the event store browser,
+        where causation links lead on."""
+        rows = StoredEvent.objects.filter(aggregate_id=str(obj.pk)).order_by("position")
+        return format_html(
+            '<table class="event-timeline"><thead><tr><th>time</th><th>event</th>'
+            "<th>stream</th><th>version</th></tr></thead><tbody>{}</tbody></table>",
+            format_html_join(
+                "",
+                '<tr><td>{}</td><td><a href="{}">{}</a></td><td>{}</td><td>{}</td></tr>',
+                (
+                    (
+                        row.time.isoformat(timespec="milliseconds"),
+                        reverse("admin:eventing_storedevent_change", args=[row.pk]),
+                        row.event_type,
+                        row.aggregate_type,
+                        row.version,
+                    )
+                    for row in rows
+                ),
+            ),
+        )
 
     def has_transition_permission(self, request: HttpRequest) -> bool:
         # The actions need the change permission the view-only page withholds.
