@@ -16,6 +16,10 @@ BASE_PYTHON = $(shell command -v python3.11 2>/dev/null || command -v python3 2>
 STDLIB_PYTHON = $(if $(wildcard $(PYTHON)),$(PYTHON),$(BASE_PYTHON))
 WEB_PORT ?= 8000
 FLOWER_PORT ?= 5555
+# [observability] Prometheus multiprocess directory of `make run`: web and worker processes
+# write their samples there, the web's /metrics merges them. Emptied at every start, so a
+# previous run's processes are not counted again.
+METRICS_DIR ?= $(CURDIR)/.make/prometheus
 
 .PHONY: help venv services setup run test lint bench clean
 
@@ -64,11 +68,14 @@ run: setup
 	echo "  Web       http://127.0.0.1:$$web_port/"; \
 	echo "  Admin     http://127.0.0.1:$$web_port/admin/"; \
 	echo "  API docs  http://127.0.0.1:$$web_port/api/docs/"; \
+	echo "  Dashboard http://127.0.0.1:$$web_port/admin/eventing/dashboard/"; \
+	echo "  Metrics   http://127.0.0.1:$$web_port/metrics  (Flower's own: http://127.0.0.1:$$flower_port/metrics)"; \
 	echo "  Flower    http://127.0.0.1:$$flower_port/  user: $${flower_user:-?}," \
 		"password: the part after ':' of FLOWER_BASIC_AUTH in $(CURDIR)/.env"; \
 	echo "  Stop everything with Ctrl-C."; \
 	echo
-	exec $(VENV)/bin/honcho start
+	rm -rf "$(METRICS_DIR)" && mkdir -p "$(METRICS_DIR)"
+	PROMETHEUS_MULTIPROC_DIR="$(METRICS_DIR)" exec $(VENV)/bin/honcho start
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -57,8 +57,8 @@ _DESCRIPTIONS = {
     400: "Invalid input: field errors keyed by field name, or `detail` for unparsable JSON.",
     401: "Not authenticated (no or invalid token/session).",
     403: "Authenticated but not allowed (e.g. a customer on a staff endpoint).",
-    404: "Not found, or not yours: another customer's resource is indistinguishable "
-    "from a missing one.",
+    404: "Not found (for a list: a page past its end), or not yours: another "
+    "customer's resource is indistinguishable from a missing one.",
     409: "The resource's state does not allow this command.",
 }
 
@@ -77,7 +77,8 @@ def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
 def location_header(code: int = 201) -> OpenApiParameter:
     return OpenApiParameter(
         "Location",
-        OpenApiTypes.URI,
+        # A relative reference ("/api/orders/<id>/"), which RFC 9110 allows.
+        {"type": "string", "format": "uri-reference"},
         OpenApiParameter.HEADER,
         response=[code],
         description="URL of the created resource",

@@ -16,7 +16,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 # `.env` is written by `make run`; real environment variables win over it.
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# ENV_FILE names another file (a deployment reads none: ENV_FILE=/dev/null).
+environ.Env.read_env(env.str("ENV_FILE", default=str(BASE_DIR / ".env")), overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="")
@@ -30,6 +31,31 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- security -----------------------------------------------------------------
+# Production-safe whenever DEBUG is off (`manage.py check --deploy` is clean):
+# HTTPS only, secure cookies, HSTS. A local run over plain HTTP says HTTPS=0
+# (`make setup` writes it to .env); each setting can also be overridden alone.
+HTTPS = env.bool("HTTPS", default=not DEBUG)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=HTTPS)
+# Probes and scrapes come over plain HTTP from inside the deployment.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (and strips a client's).
+if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=HTTPS)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=HTTPS)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=HTTPS)
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Request bodies: the largest legitimate one (an order of 100 lines) is ~10 KB.
+# Bigger bodies are refused with 400 before they are read.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=1024 * 1024)
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 1000
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -109,6 +135,12 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # [security] DRF's parsers, with JSON nested too deeply answered 400 (not 500).
+    "DEFAULT_PARSER_CLASSES": [
+        "config.parsers.JSONParserWithDepthLimit",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "PAGE_SIZE": 50,
 }
 SPECTACULAR_SETTINGS = {
@@ -117,11 +149,29 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
 }
 
+# [observability] LOG_FORMAT=json writes one JSON object a line. In either format, lines
+# written while a consumer handles an event carry its id, type, correlation id and the
+# consumer (eventing/logging.py; the Celery worker's own handlers get the same in
+# eventing.observe.instrument_celery).
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"event_context": {"()": "eventing.logging.EventContextFilter"}},
+    "formatters": {
+        "plain": {
+            "()": "eventing.logging.PlainFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
+        "json": {"()": "eventing.logging.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["event_context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
 
@@ -172,6 +222,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("EVENTING_RELAY_INTERVAL", default=1.0),
         "options": {"queue": EVENTING_RELAY_QUEUE, "expires": 5},
     },
+    # [observability] consumer lag history for the dashboard's chart (a doubled beat
+    # only adds a second sample per minute).
+    "eventing-sample-lag": {
+        "task": "eventing.sample_lag",
+        "schedule": env.float("EVENTING_LAG_SAMPLE_SECONDS", default=60.0),
+        "options": {"queue": EVENTING_RELAY_QUEUE, "expires": 55},
+    },
 }
 
 # --- eventing ---------------------------------------------------------------
@@ -188,7 +245,13 @@ EVENTING = {
     "CONSISTENCY_WAIT_SECONDS": env.float("EVENTING_CONSISTENCY_WAIT_SECONDS", default=5.0),
     "CONSISTENCY_POLL_SECONDS": env.float("EVENTING_CONSISTENCY_POLL_SECONDS", default=0.02),
     "QUEUE_PREFIX": EVENTING_QUEUE_PREFIX,
+    # [observability] EVENTING_METRICS=0 turns metric recording off (benchmark comparisons).
+    "METRICS": env.bool("EVENTING_METRICS", default=True),
 }
+
+# [observability] /metrics is open unless METRICS_TOKEN is set; then it requires
+# `Authorization: Bearer <token>` (eventing/metrics.py).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # A test-only switch: when set to a consumer name, that consumer's handlers
 # raise, so a person can watch a dead letter being made and redriven.

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.db.models import Max, QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, serializers, viewsets
 from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import SAFE_METHODS, IsAdminUser
@@ -282,6 +282,22 @@ class EventPagination(CursorPagination):
     max_page_size = 500
 
 
+def _errors(*documented: tuple[int, str]) -> dict[int, OpenApiResponse]:
+    """Error answers in DRF's shape; 401 is on every endpoint here."""
+    answers = [(401, "Not authenticated."), *documented]
+    return {
+        code: OpenApiResponse(
+            response=OpenApiTypes.OBJECT if code == 400 else ErrorDetailSerializer,
+            description=text,
+        )
+        for code, text in answers
+    }
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
 class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """The event store, oldest first (global position order), as CloudEvents
     envelopes: exactly what consumers receive on the wire."""
@@ -303,7 +319,17 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             after=data.get("after"),
         )
 
-    @extend_schema(parameters=[EventFilterSerializer])
+    @extend_schema(
+        parameters=[EventFilterSerializer],
+        responses={
+            200: StoredEventSerializer(many=True),
+            **_errors(
+                (400, "Invalid filter or page size."),
+                (403, "Staff only."),
+                (404, "Invalid cursor."),
+            ),
+        },
+    )
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().list(request, *args, **kwargs)
 
@@ -314,6 +340,6 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
 class EventingStatusView(APIView):
     permission_classes = [IsAdminUser]
 
-    @extend_schema(responses={200: EventingStatusSerializer})
+    @extend_schema(responses={200: EventingStatusSerializer, **_errors((403, "Staff only."))})
     def get(self, request: Request) -> Response:
         return Response(EventingStatusSerializer(eventing_status(parked_limit=50)).data)

@@ -29,9 +29,9 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 
-from . import context
+from . import context, observe
 from .events import DomainEvent, UnknownEventType, UnknownEventVersion
 from .events import registry as event_registry
 from .models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
@@ -351,13 +351,16 @@ def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False
         consumer=spec.name,
         replaying=replaying,
     )
-    with context.scope(
-        correlation_id=row.correlation_id,
-        causation_id=str(row.event_id),
-        actor=f"consumer:{spec.name}",
-        traceparent=row.traceparent,
-        chain_depth=row.chain_depth + 1,
-        replaying=replaying,
+    with (
+        context.scope(
+            correlation_id=row.correlation_id,
+            causation_id=str(row.event_id),
+            actor=f"consumer:{spec.name}",
+            traceparent=row.traceparent,
+            chain_depth=row.chain_depth + 1,
+            replaying=replaying,
+        ),
+        observe.applying(spec.name, row, replaying=replaying),  # [observability]
     ):
         for handler in handlers:
             try:
@@ -389,6 +392,7 @@ def process_message(consumer: str, message: Any) -> Outcome:
             return Outcome("parked")
         if version <= checkpoint.version:
             Checkpoint.objects.filter(pk=checkpoint.pk).update(duplicates=checkpoint.duplicates + 1)
+            observe.duplicate_skipped(consumer)  # [observability]
             return Outcome("duplicate")
         rows = StoredEvent.objects.filter(
             aggregate_type=aggregate_type,
@@ -513,6 +517,15 @@ def discard(dead: DeadLetter, *, reason: str, by: str = "") -> None:
         dead.save(update_fields=["status", "resolved_at", "resolved_by", "resolution_note"])
 
 
+def _transient_database_error(consumer: str, exc: BaseException) -> None:
+    logger.warning(
+        "%s: database connection lost (%s), retrying: %s", consumer, type(exc).__name__, exc
+    )
+    # A broken connection stays broken inside this worker process until
+    # closed; the retry then opens a fresh one.
+    connection.close()
+
+
 def consumer_task(consumer: str) -> Any:
     """Create the Celery task `<consumer>.handle_event`, bound to its queue.
 
@@ -539,11 +552,23 @@ def consumer_task(consumer: str) -> Any:
                 countdown=random.uniform(0.5, 1.5),
                 kwargs={"failures": failures},
             ) from None
+        except (OperationalError, InterfaceError) as exc:
+            # The database went away (restart, failover, a terminated
+            # backend) outside a handler: nothing was applied and the event
+            # is not at fault. Retry on a fresh connection, uncounted: acking
+            # here would leave the lane behind until some later event.
+            _transient_database_error(consumer, exc)
+            raise self.retry(countdown=retry_delay(1), kwargs={"failures": failures}) from exc
         except PermanentFailure as exc:
             dead_letter(consumer, message, str(exc), tb.format_exc(), attempt, None)
             logger.error("%s: invalid message dead-lettered: %s", consumer, exc)
             return "invalid"
         except HandlerFailed as exc:
+            if isinstance(exc.error, OperationalError | InterfaceError):
+                # Same as above, raised while a handler ran: not the event's fault.
+                _transient_database_error(consumer, exc.error)
+                raise self.retry(countdown=retry_delay(1), kwargs={"failures": failures}) from exc
+            observe.handler_failed(consumer, exc)  # [observability]
             max_attempts = settings.EVENTING["MAX_ATTEMPTS"]
             if exc.permanent or attempt >= max_attempts:
                 dead_letter(consumer, message, str(exc), exc.traceback, attempt, exc.event)
@@ -556,6 +581,7 @@ def consumer_task(consumer: str) -> Any:
                 )
                 return "dead-lettered"
             countdown = retry_delay(attempt)
+            observe.handler_retrying(consumer, exc)  # [observability]
             logger.warning(
                 "%s: event %s failed (attempt %d/%d), retrying in %.2fs: %s",
                 consumer,

@@ -304,3 +304,25 @@ class EventSourcedModel(models.Model):
             f"{type(self).__name__}.delete() would remove an aggregate without an event; "
             "record a domain event (cancel, retire, ...) instead."
         )
+
+
+class ConsumerLagSample(models.Model):
+    """A consumer's lag at one moment, for the dashboard's last-hour chart.
+
+    Lag has no history anywhere else (a checkpoint only knows where its lane
+    is now), so the `eventing.sample_lag` beat task writes one row per consumer
+    every `EVENTING_LAG_SAMPLE_SECONDS` and deletes rows older than a day. A
+    doubled beat writes two rows a minute; the chart takes the larger.
+    """
+
+    consumer = models.CharField(max_length=100)
+    sampled_at = models.DateTimeField(default=timezone.now)
+    lag_events = models.PositiveIntegerField()
+    oldest_age_seconds = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["sampled_at"], name="lag_sample_time")]
+        ordering = ["sampled_at", "consumer"]
+
+    def __str__(self) -> str:
+        return f"{self.consumer} lag {self.lag_events} at {self.sampled_at:%H:%M:%S}"

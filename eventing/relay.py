@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 
+from . import observe
 from .consumers import registry as consumer_registry
 from .events import registry as event_registry
 from .publisher import ConfirmingPublisher, OutgoingMessage, PublishError
@@ -222,6 +223,7 @@ def relay_batch(limit: int | None = None) -> RelayReport:
             continue
         per_row[row.outbox_id] = len(messages)
         outgoing.extend(messages)
+    observation = observe.relay_publishing(rows, outgoing)  # [observability]
     try:
         result = get_publisher().publish_batch(outgoing)
     except PublishError as exc:
@@ -240,6 +242,7 @@ def relay_batch(limit: int | None = None) -> RelayReport:
         for outbox_id, expected in per_row.items()
         if outbox_id not in failed and (expected == 0 or outbox_id in result.confirmed)
     ]
+    observe.relay_published(observation, done, failed)  # [observability]
     _delete_published(done, claims)
     _release_failed(failed, claims)
     report.published_rows = len(done)

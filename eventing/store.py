@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import context
+from . import context, observe
 from .events import DomainEvent
 from .models import OutboxMessage, StoredEvent
 
@@ -25,6 +25,7 @@ class ChainDepthExceeded(RuntimeError):
     """A handler emitted an event deeper than the configured chain limit."""
 
 
+@observe.observed_append  # [observability] a span per append; events counted at commit
 def append(
     *,
     aggregate_type: str,

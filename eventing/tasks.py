@@ -13,3 +13,11 @@ def relay_task() -> dict[str, int]:
     # redelivering it after a crash would only add a duplicate tick.
     report = relay.relay()
     return {"published": report.published_rows, "failed": report.failed_rows}
+
+
+# [observability] beat samples consumer lag for the dashboard's last-hour chart.
+@shared_task(name="eventing.sample_lag", ignore_result=True, acks_late=False)
+def sample_lag_task() -> int:
+    from .dashboard import sample_consumer_lag
+
+    return sample_consumer_lag()

@@ -59,7 +59,7 @@ class StockItemViewSet(
 
     @extend_schema(
         parameters=CONSISTENCY_PARAMETERS,
-        responses={200: StockItemSerializer(many=True), **error_responses(400, 401)},
+        responses={200: StockItemSerializer(many=True), **error_responses(400, 401, 404)},
     )
     def list(self, request: Request, *args: object, **kwargs: object) -> Response:
         return super().list(request, *args, **kwargs)

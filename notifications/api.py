@@ -33,7 +33,7 @@ class NotificationViewSet(ReadYourWritesMixin, mixins.ListModelMixin, viewsets.G
 
     @extend_schema(
         parameters=[NotificationFilterSerializer, *CONSISTENCY_PARAMETERS],
-        responses={200: NotificationSerializer(many=True), **error_responses(400, 401)},
+        responses={200: NotificationSerializer(many=True), **error_responses(400, 401, 404)},
     )
     def list(self, request: Request, *args: object, **kwargs: object) -> Response:
         return super().list(request, *args, **kwargs)

@@ -101,7 +101,7 @@ class OrderViewSet(ReadYourWritesMixin, viewsets.GenericViewSet):
 
     @extend_schema(
         parameters=[OrderListFilterSerializer, *CONSISTENCY_PARAMETERS],
-        responses={200: OrderListItemSerializer(many=True), **error_responses(400, 401)},
+        responses={200: OrderListItemSerializer(many=True), **error_responses(400, 401, 404)},
         description="The caller's orders (staff: all), newest first, from the read model: "
         "an order appears once its summary is built; pass the placing command's "
         "consistency token to wait for it.",

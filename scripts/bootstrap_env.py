@@ -31,6 +31,9 @@ GENERATED: dict[str, Callable[[], str]] = {
     "SECRET_KEY": lambda: secrets.token_urlsafe(50),
     "FLOWER_BASIC_AUTH": lambda: f"admin:{random_token(16)}",
     "DEMO_PASSWORD": lambda: random_token(12),
+    # Not a secret: the local stack serves plain HTTP on 127.0.0.1, so the
+    # production defaults (HTTPS redirect, secure cookies, HSTS) are off here.
+    "HTTPS": lambda: "0",
 }
 
 

@@ -17,11 +17,6 @@ import pytest
 
 from ..support import ROOT, Worker, wait_for
 
-# Playwright's sync API runs an event loop in this thread, which makes Django
-# refuse ORM calls between browser steps; the test thread is still
-# synchronous, so lift that guard for these tests only.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -59,19 +54,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_session() -> Iterator[Any]:
+    """Module-scoped: Playwright's sync API keeps an event loop marked running
+    in this thread while it is started, which makes Django refuse ORM calls.
+    The test thread is still synchronous, so the guard is lifted for these
+    modules only, and Playwright is stopped before any other test runs."""
     problem = _ensure_chromium()
     if problem:
         pytest.skip(f"browser tests skipped: {problem}")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        yield browser
-        browser.close()
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            yield browser
+            browser.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -126,3 +126,28 @@ def test_customer_sees_only_their_own_orders_in_the_browsable_api(
     page.expect_http_errors = True  # the 404 below is the point
     page.goto(f"{web_server}/api/orders/{theirs}/")
     assert "Not found" in page.content()
+
+
+def test_staff_dashboard_draws_the_flow_graph_and_charts_without_js_errors(
+    live: Worker, web_server: str, page: Any
+) -> None:
+    stock_item("SKU-B4", on_hand=5)
+    wait_for(lambda: CatalogItem.objects.filter(sku="SKU-B4").exists(), what="catalog")
+    customer = UserFactory()
+    for _ in range(3):
+        _place(customer, "SKU-B4")
+    wait_for(lambda: Order.objects.filter(status="CONFIRMED").count() == 3, what="three confirmed")
+    _staff()
+
+    login_admin(page, web_server, "operator", PASSWORD)
+    page.click("#eventing-dashboard-link a")
+    page.wait_for_selector("#throughput-chart svg path.ev-line")
+    graph = page.locator("#flow-graph svg")
+    for label in ("orders.OrderPlaced", "inventory.StockReserved", "notifications"):
+        assert graph.get_by_text(label).count() >= 1
+    assert page.locator("#throughput-chart svg path.ev-line").count() >= 1
+    assert page.locator("#lag-chart svg").count() == 1
+    # The throughput chart has data: the events this test appended.
+    assert int(page.locator("#throughput-chart").get_attribute("data-total") or 0) >= 12
+    page.shot("dashboard")
+    assert page.console_errors == []

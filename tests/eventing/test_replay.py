@@ -94,6 +94,7 @@ def catalog(live: Worker) -> list[int]:
     return [UserFactory().pk for _ in range(5)]
 
 
+@pytest.mark.timeout(900)  # 1,000 orders through 2 worker processes on a shared machine
 def test_live_path_and_full_replay_give_identical_read_models(
     live: Worker, catalog: list[int], artifacts_dir: Path
 ) -> None:

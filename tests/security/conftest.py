@@ -1,0 +1,3 @@
+from ..api.conftest import world
+
+__all__ = ["world"]
