@@ -85,7 +85,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PYTHON) -m bench
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles

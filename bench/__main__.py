@@ -30,9 +30,8 @@ import django  # noqa: E402
 from .sizes import add_arguments, from_args  # noqa: E402
 
 BENCHMARKS = ("a_relay", "b_latency", "c_consumer", "d_replay", "e_write", "f_scale", "g_memory")
-# Run order: the small-store benchmarks first; f_scale grows the store and
-# d_replay then reads from it instead of filling it again.
-RUN_ORDER = ("a_relay", "c_consumer", "e_write", "b_latency", "g_memory", "f_scale", "d_replay")
+# Run order: the small-store benchmarks first, the 5M-event store last.
+RUN_ORDER = ("a_relay", "c_consumer", "e_write", "b_latency", "g_memory", "d_replay", "f_scale")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,16 +101,22 @@ def machine_info() -> dict[str, Any]:
         rabbit = rabbit.decode() if isinstance(rabbit, bytes) else str(rabbit)
     finally:
         conn.close()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=env.ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=env.ROOT, capture_output=True, text=True, check=False
+            ).stdout
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    # Uncommitted changes outside bench/ mean the figures are of a tree no commit has.
+    dirty = [
+        line[3:]
+        for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+        if not line[3:].startswith(("bench/", "BENCHMARKS.md"))
+    ]
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
@@ -121,6 +126,7 @@ def machine_info() -> dict[str, Any]:
         "rabbitmq": rabbit,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "git_commit": commit,
+        "git_uncommitted_changes": dirty,
         "platform": platform.platform(),
     }
 
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    for old_log in env.RESULTS_DIR.glob("*.log"):
+        old_log.unlink()  # worker logs of the previous run
     started = time.time()
     machine = machine_info()
     common.log(f"bench database {env.database_name(env.database_url())}, prefix {env.QUEUE_PREFIX}")

@@ -32,6 +32,7 @@ from .common import (
     purge_queues,
     ratio,
     reset_database,
+    retried,
     rounded,
 )
 from .sizes import Sizes
@@ -104,11 +105,11 @@ def run(sizes: Sizes) -> Result:
         order = ("relay", "raw") if rep % 2 == 0 else ("raw", "relay")
         for which in order:
             if which == "relay":
-                seconds = time_relay(n)
+                seconds = retried(lambda: time_relay(n), "a_relay relay run")
                 relay_rates.append(n / seconds)
                 log(f"a_relay: run {rep + 1} relay {n / seconds:,.0f} events/s ({seconds:.2f}s)")
             else:
-                seconds = time_baseline(messages, fanout)
+                seconds = retried(lambda: time_baseline(messages, fanout), "a_relay raw run")
                 raw_rates.append(n / seconds)
                 log(f"a_relay: run {rep + 1} raw   {n / seconds:,.0f} events/s ({seconds:.2f}s)")
     profile_in_process("a_relay", lambda: time_relay(n))

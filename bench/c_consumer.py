@@ -26,14 +26,17 @@ from .common import (
     RawPublisher,
     Result,
     count,
+    drop_pooled_broker_connections,
     fill_events,
     fill_outbox_latest,
     log,
     median,
     purge_queues,
     queue_depths,
+    queue_name,
     ratio,
     reset_database,
+    retried,
     rounded,
     task_message,
     wait_queue_depth,
@@ -53,6 +56,7 @@ def load_backlog(n: int) -> None:
         )
     fill_events(n)
     fill_outbox_latest(n, consumers=("orders",))
+    drop_pooled_broker_connections()  # idle through the previous run
     report = relay.relay(max_seconds=3600)
     if report.published_rows != n:
         raise RuntimeError(f"relay published {report.published_rows}/{n}: {report.errors}")
@@ -82,7 +86,7 @@ def time_noop(worker: BenchWorker, n: int, timeout: float) -> float:
     purge_queues()
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE bench_stamp")
-    routing_key = "bench.orders"
+    routing_key = queue_name("orders")
     messages = [task_message("bench.noop", (), routing_key) for _ in range(n - 1)]
     messages.append(task_message("bench.stamp", (0, time.time()), routing_key))
     publisher = RawPublisher()
@@ -115,13 +119,13 @@ def run(sizes: Sizes) -> Result:
     # Started on the relay queue only (nothing is sent there during this
     # benchmark); each timed run adds the orders queue, then cancels it.
     with BenchWorker(["relay"], log_name="c_consumer") as worker:
-        for rep in range(sizes.repeats):
+        for rep in range(sizes.consumer_repeats):
             for which in ("consumer", "noop") if rep % 2 == 0 else ("noop", "consumer"):
                 if which == "consumer":
-                    seconds = time_consumer(worker, n, timeout)
+                    seconds = retried(lambda: time_consumer(worker, n, timeout), "c_consumer run")
                     applied.append(n / seconds)
                 else:
-                    seconds = time_noop(worker, n, timeout)
+                    seconds = retried(lambda: time_noop(worker, n, timeout), "c_consumer noop run")
                     noop.append(n / seconds)
                 log(f"c_consumer: run {rep + 1} {which:8} {n / seconds:,.0f} events/s")
     purge_queues()

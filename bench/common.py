@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import amqp
 from django.apps import apps
@@ -93,9 +93,48 @@ def bench_tables(exclude: Iterable[str] = ("eventing_relaywake",)) -> list[str]:
     ]
 
 
+def drop_pooled_broker_connections() -> None:
+    """Close this process's pooled Celery broker connections. This process
+    sends no heartbeats while it waits, so after a long measurement the broker
+    may have dropped them, and the next on-commit relay wake (sent with
+    retry=False) would fail once, and the relay's publisher would fail a batch
+    and back off: a measurement must not start with that."""
+    from kombu import pools as kombu_pools
+
+    from config.celery import app
+    from eventing import relay
+
+    # What kombu and Celery do after a fork: reset kombu's global pools and
+    # drop the app's references, so the next publish opens a new connection.
+    kombu_pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
+    # The relay's own confirm-mode connection, idle since the last benchmark
+    # that relayed: close it so the next publish connects afresh.
+    relay.get_publisher().close()
+
+
+T = TypeVar("T")
+
+
+def retried(func: Callable[[], T], what: str, pause: float = 10.0) -> T:
+    """Run one repetition; if the broker or the database drops it (another
+    session's fault-injection test may stop RabbitMQ for a few seconds), log
+    it, reconnect and run it once more."""
+    try:
+        return func()
+    except Exception as exc:
+        log(f"{what} failed ({type(exc).__name__}: {exc}); retrying once in {pause:g}s")
+        time.sleep(pause)
+        drop_pooled_broker_connections()
+        return func()
+
+
 def reset_database() -> None:
     """Empty every table of the platform and the apps (TRUNCATE: the store's
-    immutability trigger covers UPDATE and DELETE only)."""
+    immutability trigger covers UPDATE and DELETE only), and start with fresh
+    broker connections."""
+    drop_pooled_broker_connections()
     tables = ", ".join(bench_tables())
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
@@ -197,15 +236,24 @@ def broker_connection() -> amqp.Connection:
     from kombu.utils.url import url_to_parts
 
     _scheme, host, port, user, password, vhost, _ = url_to_parts(settings.CELERY_BROKER_URL)
-    conn = amqp.Connection(
-        host=f"{host or '127.0.0.1'}:{port or 5672}",
-        userid=user or "guest",
-        password=password or "guest",
-        virtual_host=vhost or "/",
-        connect_timeout=5,
-    )
-    conn.connect()
-    return conn
+    deadline = time.monotonic() + 60
+    while True:
+        conn = amqp.Connection(
+            host=f"{host or '127.0.0.1'}:{port or 5672}",
+            userid=user or "guest",
+            password=password or "guest",
+            virtual_host=vhost or "/",
+            connect_timeout=5,
+        )
+        try:
+            conn.connect()
+            return conn
+        except OSError as exc:
+            # The broker may be briefly down (a fault-injection test elsewhere).
+            if time.monotonic() > deadline:
+                raise
+            log(f"broker not reachable ({exc}); retrying")
+            time.sleep(2)
 
 
 def declare_queues() -> None:
@@ -383,7 +431,7 @@ class BenchWorker:
                     "--without-mingle",
                     "--without-heartbeat",
                     "-l",
-                    "warning",
+                    os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
                 ],
                 cwd=ROOT,
                 env=env,
@@ -395,46 +443,40 @@ class BenchWorker:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def _control(self, command: str, **kwargs: Any) -> list[dict[str, Any]]:
+        """A remote-control broadcast to this worker on a fresh connection: the
+        app's pooled one may have been dropped by the broker during a long
+        measurement (no heartbeats while this process waits)."""
         from config.celery import app
 
+        with app.connection_for_write() as conn:
+            method = getattr(app.control, command)
+            return method(destination=[self.name], connection=conn, **kwargs) or []
+
+    def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}; see {self.log_path}")
-            replies = app.control.ping(destination=[self.name], timeout=0.5)
+            replies = self._control("ping", timeout=0.5)
             if any(self.name in reply for reply in replies):
                 return
         raise RuntimeError(f"worker did not answer ping in {timeout}s; see {self.log_path}")
 
     def add_consumer(self, queue: str) -> None:
-        from config.celery import app
-
-        replies = app.control.add_consumer(
-            queue_name(queue), destination=[self.name], reply=True, timeout=5.0
-        )
+        replies = self._control("add_consumer", queue=queue_name(queue), reply=True, timeout=5.0)
         if not replies:
             raise RuntimeError(f"worker did not confirm consuming {queue}")
 
     def cancel_consumer(self, queue: str) -> None:
-        from config.celery import app
-
-        app.control.cancel_consumer(
-            queue_name(queue), destination=[self.name], reply=True, timeout=5.0
-        )
+        self._control("cancel_consumer", queue=queue_name(queue), reply=True, timeout=5.0)
 
     def pids(self) -> list[int]:
-        """The main process and its pool children."""
-        import psutil
-
+        """The main process and its pool children (and theirs)."""
         if self.proc is None or self.proc.poll() is not None:
             return []
-        try:
-            main = psutil.Process(self.proc.pid)
-            return [main.pid] + [child.pid for child in main.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -478,6 +520,28 @@ def wait_until(
 
 
 # -- memory ----------------------------------------------------------------------
+
+
+def descendants(root: int) -> list[int]:
+    """Every live descendant of `root`, from the parent pids in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return sorted(found)
 
 
 def rss_bytes(pid: int) -> int:

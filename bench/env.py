@@ -17,7 +17,8 @@ ROOT = (
 )  # not resolved: a symlinked checkout keeps its own tree
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-QUEUE_PREFIX = "bench."
+# BENCH_QUEUE_PREFIX lets two bench runs share a broker (with two databases).
+QUEUE_PREFIX = os.environ.get("BENCH_QUEUE_PREFIX", "bench.") or "bench."
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/bench_eventflow"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 APP_QUEUES = ("orders", "inventory", "notifications", "relay")

@@ -5,7 +5,9 @@ newest 10,000 events, each targeted at orders and at inventory, so one
 message per row) with N_large events in the store (5,000,000; the quick run
 scales it down and says so). Baseline: the same with N_small (10,000) events.
 The store is filled with INSERT ... SELECT generate_series and vacuumed and
-analyzed before timing, so autovacuum does not land inside a measurement.
+analyzed before timing, so autovacuum does not land inside a measurement. The
+small store is measured before and after the large one (the baseline runs hold
+both), so a drift in the machine's load does not read as a store-size effect.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from eventing import relay
 from .common import (
     Result,
     count,
+    drop_pooled_broker_connections,
     fill_events,
     fill_outbox_latest,
     log,
@@ -26,6 +29,7 @@ from .common import (
     purge_queues,
     ratio,
     reset_database,
+    retried,
     rounded,
 )
 from .sizes import Sizes
@@ -35,8 +39,11 @@ CONSUMERS = ("orders", "inventory")
 
 
 def vacuum() -> None:
+    """Settle the table and flush dirty buffers, so neither autovacuum nor the
+    writeback of the fill lands inside a measurement."""
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE eventing_storedevent")
+        cursor.execute("CHECKPOINT")
 
 
 def time_relay(outbox_rows: int) -> float:
@@ -53,10 +60,10 @@ def time_relay(outbox_rows: int) -> float:
 
 
 def measure(label: str, outbox_rows: int, repeats: int) -> list[float]:
-    time_relay(outbox_rows)  # warm-up: caches, connection
+    retried(lambda: time_relay(outbox_rows), "f_scale warm-up")  # caches, connection
     rates = []
     for rep in range(repeats):
-        rates.append(time_relay(outbox_rows))
+        rates.append(retried(lambda: time_relay(outbox_rows), "f_scale run"))
         log(f"f_scale: {label} store, run {rep + 1}: {rates[-1]:,.0f} rows/s")
     return rates
 
@@ -74,9 +81,19 @@ def run(sizes: Sizes) -> Result:
     log(f"f_scale: growing the store to {large:,} events")
     fill_events(large - small, progress=True)
     vacuum()
+    drop_pooled_broker_connections()  # idle through the fill
     fill_seconds = time.monotonic() - started
     stored = count("eventing_storedevent")
     large_rates = measure(f"{stored:,}-event", outbox, sizes.repeats)
+    # The small store again, after the large one: the baseline then brackets
+    # the measurement in time, so a drift of this shared machine's load shows
+    # up as a spread of the baseline runs instead of as a store-size effect.
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE eventing_storedevent RESTART IDENTITY CASCADE")
+    fill_events(small)
+    vacuum()
+    drop_pooled_broker_connections()
+    small_rates += measure(f"{small:,}-event (again)", outbox, sizes.repeats)
     value, baseline = median(large_rates), median(small_rates)
     r = ratio(value, baseline)
     return Result(
