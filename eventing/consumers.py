@@ -57,6 +57,23 @@ class EventMeta:
     consumer: str
     replaying: bool = False
 
+    @classmethod
+    def of(cls, row: StoredEvent, *, consumer: str, replaying: bool = False) -> EventMeta:
+        return cls(
+            event_id=str(row.event_id),
+            event_type=row.event_type,
+            position=row.position,
+            aggregate_type=row.aggregate_type,
+            aggregate_id=row.aggregate_id,
+            version=row.version,
+            time=row.time,
+            correlation_id=row.correlation_id,
+            causation_id=row.causation_id,
+            actor=row.actor,
+            consumer=consumer,
+            replaying=replaying,
+        )
+
 
 Handler = Callable[[Any, EventMeta], None]
 
@@ -337,20 +354,7 @@ def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False
         event = event_registry.decode(row.event_type, row.schema_version, row.payload)
     except (UnknownEventType, UnknownEventVersion, ValueError, TypeError) as exc:
         raise HandlerFailed(row, PermanentFailure(str(exc))) from exc
-    meta = EventMeta(
-        event_id=str(row.event_id),
-        event_type=row.event_type,
-        position=row.position,
-        aggregate_type=row.aggregate_type,
-        aggregate_id=row.aggregate_id,
-        version=row.version,
-        time=row.time,
-        correlation_id=row.correlation_id,
-        causation_id=row.causation_id,
-        actor=row.actor,
-        consumer=spec.name,
-        replaying=replaying,
-    )
+    meta = EventMeta.of(row, consumer=spec.name, replaying=replaying)
     with (
         context.scope(
             correlation_id=row.correlation_id,

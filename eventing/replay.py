@@ -295,20 +295,7 @@ def _apply(
                 event = event_registry.decode(row.event_type, row.schema_version, row.payload)
             except Exception as exc:
                 raise ReplayError(f"cannot decode event #{row.position}: {exc}") from exc
-        meta = EventMeta(
-            event_id=str(row.event_id),
-            event_type=row.event_type,
-            position=row.position,
-            aggregate_type=row.aggregate_type,
-            aggregate_id=row.aggregate_id,
-            version=row.version,
-            time=row.time,
-            correlation_id=row.correlation_id,
-            causation_id=row.causation_id,
-            actor=row.actor,
-            consumer=projection.consumer,
-            replaying=True,
-        )
+        meta = EventMeta.of(row, consumer=projection.consumer, replaying=True)
         try:
             handler.func(event, meta)
         except Exception as exc:
