@@ -25,7 +25,7 @@ from rest_framework.views import APIView
 from .consumers import registry as consumer_registry
 from .events import registry as event_registry
 from .models import Checkpoint, EventSourcedModel, StoredEvent
-from .selectors import eventing_status
+from .selectors import eventing_status, events_filtered
 from .serializers import EventFilterSerializer, EventingStatusSerializer, StoredEventSerializer
 
 # -- read your writes ------------------------------------------------------------
@@ -250,28 +250,6 @@ def with_consistency_token(response: Response, aggregate: EventSourcedModel) -> 
 
 
 # -- event store browser -----------------------------------------------------------
-
-
-def events_filtered(
-    *,
-    aggregate_id: str = "",
-    aggregate_type: str = "",
-    event_type: str = "",
-    correlation_id: str = "",
-    after: int | None = None,
-) -> QuerySet[StoredEvent]:
-    qs = StoredEvent.objects.all()
-    if aggregate_id:
-        qs = qs.filter(aggregate_id=aggregate_id)
-    if aggregate_type:
-        qs = qs.filter(aggregate_type=aggregate_type)
-    if event_type:
-        qs = qs.filter(event_type=event_type)
-    if correlation_id:
-        qs = qs.filter(correlation_id=correlation_id)
-    if after is not None:
-        qs = qs.filter(position__gt=after)
-    return qs
 
 
 class EventPagination(CursorPagination):

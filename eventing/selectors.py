@@ -13,7 +13,7 @@ from django.utils import timezone
 from kombu import Connection
 
 from .consumers import registry as consumers
-from .models import Checkpoint, ConsumerState, DeadLetter, OutboxMessage
+from .models import Checkpoint, ConsumerState, DeadLetter, OutboxMessage, StoredEvent
 
 PARKED_LANES_SHOWN = 20
 # Lag is counted over the newest events only: exact over a window an
@@ -65,6 +65,28 @@ def consumer_lag(consumer: str) -> dict[str, Any]:
         count, oldest = cursor.fetchone()
     age = (timezone.now() - oldest).total_seconds() if oldest else None
     return {"events": count, "oldest_age_seconds": age}
+
+
+def events_filtered(
+    *,
+    aggregate_id: str = "",
+    aggregate_type: str = "",
+    event_type: str = "",
+    correlation_id: str = "",
+    after: int | None = None,
+) -> QuerySet[StoredEvent]:
+    qs = StoredEvent.objects.all()
+    if aggregate_id:
+        qs = qs.filter(aggregate_id=aggregate_id)
+    if aggregate_type:
+        qs = qs.filter(aggregate_type=aggregate_type)
+    if event_type:
+        qs = qs.filter(event_type=event_type)
+    if correlation_id:
+        qs = qs.filter(correlation_id=correlation_id)
+    if after is not None:
+        qs = qs.filter(position__gt=after)
+    return qs
 
 
 def dead_letters(
