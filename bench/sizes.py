@@ -19,7 +19,7 @@ class Sizes:
     consumer_events: int = 50_000  # c_consumer: backlog on one queue
     consumer_repeats: int = 2  # a 50,000 backlog takes minutes per run
     replay_events: int = 1_000_000  # d_replay: stored events read raw
-    replay_rebuild_events: int = 10_000  # d_replay: events the rebuild applies
+    replay_rebuild_events: int = 1_000_000  # d_replay: events the rebuild applies
     write_orders: int = 2_000  # e_write: orders per run
     scale_small: int = 10_000  # f_scale: store sizes
     scale_large: int = 5_000_000
@@ -43,7 +43,7 @@ QUICK = Sizes(
     consumer_events=2_000,
     consumer_repeats=3,
     replay_events=200_000,
-    replay_rebuild_events=2_000,
+    replay_rebuild_events=200_000,
     write_orders=500,
     scale_small=10_000,
     scale_large=200_000,

@@ -237,6 +237,13 @@ EVENTING = {
     "RELAY_BATCH_SIZE": env.int("EVENTING_RELAY_BATCH_SIZE", default=500),
     "RELAY_LEASE_SECONDS": env.float("EVENTING_RELAY_LEASE_SECONDS", default=30.0),
     "RELAY_MAX_SECONDS": env.float("EVENTING_RELAY_MAX_SECONDS", default=10.0),
+    # Events per consumer message: a consumer applies a message's events in one
+    # transaction (one commit, one checkpoint round trip for all its lanes).
+    "CONSUMER_BATCH_SIZE": env.int("EVENTING_CONSUMER_BATCH_SIZE", default=100),
+    # A batch of several lanes waits at most this long for a lock, then is
+    # applied lane by lane instead (kept well below PostgreSQL's 1 s
+    # deadlock_timeout, so a batch never makes someone else a deadlock victim).
+    "BATCH_LOCK_TIMEOUT_MS": env.int("EVENTING_BATCH_LOCK_TIMEOUT_MS", default=200),
     "MAX_ATTEMPTS": env.int("EVENTING_MAX_ATTEMPTS", default=5),
     "RETRY_BASE_SECONDS": env.float("EVENTING_RETRY_BASE_SECONDS", default=1.0),
     "RETRY_MAX_SECONDS": env.float("EVENTING_RETRY_MAX_SECONDS", default=60.0),

@@ -35,6 +35,7 @@ from . import context, observe
 from .events import DomainEvent, UnknownEventType, UnknownEventVersion
 from .events import registry as event_registry
 from .models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
+from .rows import BatchedRows, flush, unit_of_work
 from .store import ChainDepthExceeded
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class ReadModel:
     key_field: str | None
     natural_key: tuple[str, ...] = ("pk",)
     compare_exclude: tuple[str, ...] = ()
+    # Set when the handlers go through `rows.get/put` (eventing.rows): the
+    # runtime then prefetches a batch's rows and writes them in one statement.
+    rows: BatchedRows | None = None
 
     @property
     def label(self) -> str:
@@ -127,6 +131,10 @@ class Projection:
     def partial_rebuild_possible(self) -> bool:
         return all(rm.key_field for rm in self.read_models)
 
+    @property
+    def batched_rows(self) -> list[BatchedRows]:
+        return [rm.rows for rm in self.read_models if rm.rows is not None]
+
 
 @dataclasses.dataclass
 class ConsumerSpec:
@@ -140,6 +148,18 @@ class ConsumerSpec:
     @property
     def task_name(self) -> str:
         return f"{self.name}.handle_event"
+
+    def batched_rows_by_type(self) -> dict[str, list[BatchedRows]]:
+        """Event type -> the batched read models its handlers here write."""
+        by_type: dict[str, list[BatchedRows]] = {}
+        for event_name, specs in self.handlers.items():
+            for handler in specs:
+                if handler.projection is None:
+                    continue
+                for rows in registry.projection(handler.projection).batched_rows:
+                    if rows not in by_type.setdefault(event_name, []):
+                        by_type[event_name].append(rows)
+        return by_type
 
 
 class ConsumerRegistry:
@@ -264,16 +284,26 @@ def consumer_lock_key(consumer: str) -> int:
     return (0x45564E54 << 32) | zlib.crc32(consumer.encode())
 
 
-def check_not_paused(consumer: str) -> None:
+_PAUSE_CHECK = (
+    "SELECT %s, pg_advisory_xact_lock_shared(%s), "
+    "(SELECT paused FROM eventing_consumerstate WHERE consumer = %s)"
+)
+_PAUSE_CHECK_WITH_TIMEOUT = (
+    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock_shared(%s), "
+    "(SELECT paused FROM eventing_consumerstate WHERE consumer = %s)"
+)
+
+
+def check_not_paused(consumer: str, *, lock_timeout_ms: int = 0) -> None:
     """Caller holds a transaction. Takes the consumer's lock shared and fails
-    with ConsumerPaused if a replay paused it."""
+    with ConsumerPaused if a replay paused it. A `lock_timeout_ms` is set for
+    the rest of the transaction, in the same round trip."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT pg_advisory_xact_lock_shared(%s), "
-            "(SELECT paused FROM eventing_consumerstate WHERE consumer = %s)",
-            [consumer_lock_key(consumer), consumer],
+            _PAUSE_CHECK_WITH_TIMEOUT if lock_timeout_ms > 0 else _PAUSE_CHECK,
+            [f"{lock_timeout_ms}ms", consumer_lock_key(consumer), consumer],
         )
-        _, paused = cursor.fetchone()
+        _, _, paused = cursor.fetchone()
     if paused:
         raise ConsumerPaused(f"consumer {consumer} is paused")
 
@@ -293,6 +323,80 @@ class HandlerFailed(Exception):
             error, PermanentFailure | UnknownEventType | UnknownEventVersion | ChainDepthExceeded
         )
         self.traceback = "".join(tb.format_exception(error))
+
+
+@dataclasses.dataclass
+class Delivered:
+    """One parsed message: the event it names and the message itself."""
+
+    aggregate_type: str
+    aggregate_id: str
+    version: int
+    event_id: str
+    message: Any
+
+
+@dataclasses.dataclass
+class Lane:
+    """The messages of one batch for one (consumer, aggregate) lane."""
+
+    aggregate_type: str
+    aggregate_id: str
+    delivered: list[Delivered]
+    checkpoint_id: int = 0
+    checkpoint_version: int = 0
+    parked: bool = False
+    created: bool = False  # its checkpoint row was created by this transaction
+    fresh: list[Delivered] = dataclasses.field(default_factory=list)  # not duplicates
+    duplicates: int = 0
+    new_version: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.aggregate_type, self.aggregate_id)
+
+    @property
+    def messages(self) -> list[Any]:
+        return [d.message for d in self.delivered]
+
+    def last_message(self) -> Any:
+        return max(self.delivered, key=lambda d: d.version).message
+
+
+@dataclasses.dataclass
+class LaneFailure:
+    """A lane that could not be applied: its messages and why."""
+
+    messages: list[Any]
+    error: HandlerFailed
+
+
+@dataclasses.dataclass
+class BatchOutcome:
+    applied: int = 0  # events applied, caught-up ones included
+    duplicates: int = 0  # messages at or below their lane's checkpoint
+    parked: int = 0  # messages for a parked lane, left to its redrive
+    # Messages that name no stored event, or no event at all: each becomes a
+    # dead letter without an event (retrying cannot help).
+    invalid: list[tuple[Any, PermanentFailure]] = dataclasses.field(default_factory=list)
+    failed: list[LaneFailure] = dataclasses.field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.applied:
+            return "applied"
+        if self.duplicates:
+            return "duplicate"
+        if self.parked:
+            return "parked"
+        return "invalid" if self.invalid else "empty"
+
+    def merge(self, other: BatchOutcome) -> None:
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.parked += other.parked
+        self.invalid.extend(other.invalid)
+        self.failed.extend(other.failed)
 
 
 @dataclasses.dataclass
@@ -320,6 +424,14 @@ def parse_message(message: Any) -> tuple[str, str, int, str]:
     return str(message["aggregatetype"]), str(message["aggregateid"]), version, str(message["id"])
 
 
+def _raised(error: PermanentFailure) -> PermanentFailure:
+    """`error` with a traceback, as the dead letter shows one."""
+    try:
+        raise error
+    except PermanentFailure as exc:
+        return exc
+
+
 def lock_checkpoint(consumer: str, aggregate_type: str, aggregate_id: str) -> Checkpoint:
     """Caller holds a transaction; returns the lane's row locked FOR UPDATE."""
     with connection.cursor() as cursor:
@@ -335,9 +447,93 @@ def lock_checkpoint(consumer: str, aggregate_type: str, aggregate_id: str) -> Ch
     )
 
 
+def lock_checkpoints(consumer: str, lanes: list[Lane]) -> None:
+    """Caller holds a transaction. Creates the lanes' checkpoints that are
+    missing, locks all of them FOR UPDATE and fills in their state: two
+    statements whatever the number of lanes.
+
+    Both statements go in (aggregate_type, aggregate_id) order, so two batches
+    that share lanes wait for each other instead of deadlocking.
+    """
+    types = [lane.aggregate_type for lane in lanes]
+    ids = [lane.aggregate_id for lane in lanes]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO eventing_checkpoint "
+            "(consumer, aggregate_type, aggregate_id, version, duplicates, parked, parked_reason,"
+            " updated_at) "
+            "SELECT %s, l.t, l.i, 0, 0, false, '', now() "
+            "FROM unnest(%s::text[], %s::text[]) AS l(t, i) ORDER BY l.t, l.i "
+            "ON CONFLICT (consumer, aggregate_type, aggregate_id) DO NOTHING "
+            "RETURNING aggregate_type, aggregate_id",
+            [consumer, types, ids],
+        )
+        created = set(cursor.fetchall())
+        cursor.execute(
+            "SELECT c.id, c.aggregate_type, c.aggregate_id, c.version, c.parked "
+            "FROM eventing_checkpoint c "
+            "JOIN unnest(%s::text[], %s::text[]) AS l(t, i) "
+            "  ON c.aggregate_type = l.t AND c.aggregate_id = l.i "
+            "WHERE c.consumer = %s ORDER BY c.aggregate_type, c.aggregate_id FOR UPDATE OF c",
+            [types, ids, consumer],
+        )
+        found = {(t, i): (pk, version, parked) for pk, t, i, version, parked in cursor.fetchall()}
+    for lane in lanes:
+        lane.checkpoint_id, lane.checkpoint_version, lane.parked = found[lane.key]
+        lane.created = lane.key in created
+
+
+def _load_lane_events(lanes: list[Lane]) -> dict[tuple[str, str], list[StoredEvent]]:
+    """Each lane's stored events after its checkpoint up to its highest
+    delivered version, in one query, in version order per lane."""
+    if not lanes:
+        return {}
+    rows = StoredEvent.objects.raw(
+        "SELECT e.* FROM eventing_storedevent e "
+        "JOIN unnest(%s::text[], %s::text[], %s::int[], %s::int[]) AS l(t, i, lo, hi) "
+        "  ON e.aggregate_type = l.t AND e.aggregate_id = l.i "
+        "  AND e.version > l.lo AND e.version <= l.hi "
+        "ORDER BY e.position",
+        [
+            [lane.aggregate_type for lane in lanes],
+            [lane.aggregate_id for lane in lanes],
+            [lane.checkpoint_version for lane in lanes],
+            [max(d.version for d in lane.fresh) for lane in lanes],
+        ],
+    )
+    by_lane: dict[tuple[str, str], list[StoredEvent]] = {}
+    for row in rows:
+        by_lane.setdefault((row.aggregate_type, row.aggregate_id), []).append(row)
+    return by_lane
+
+
+def _save_checkpoints(lanes: list[Lane]) -> None:
+    changed = [lane for lane in lanes if lane.new_version or lane.duplicates]
+    # A lane that only forged or corrupt messages named keeps no checkpoint:
+    # nobody outside this transaction ever sees the row it created.
+    unused = [lane.checkpoint_id for lane in lanes if lane.created and lane not in changed]
+    with connection.cursor() as cursor:
+        if unused:
+            cursor.execute("DELETE FROM eventing_checkpoint WHERE id = ANY(%s)", [unused])
+        if not changed:
+            return
+        cursor.execute(
+            "UPDATE eventing_checkpoint c "
+            "SET version = GREATEST(c.version, u.v), duplicates = c.duplicates + u.d, "
+            "    updated_at = now() "
+            "FROM unnest(%s::bigint[], %s::int[], %s::int[]) AS u(id, v, d) WHERE c.id = u.id",
+            [
+                [lane.checkpoint_id for lane in changed],
+                [lane.new_version for lane in changed],
+                [lane.duplicates for lane in changed],
+            ],
+        )
+
+
 def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False) -> None:
     """Run the consumer's handlers for one stored event. Caller holds the
-    transaction (and, on the live path, the checkpoint lock)."""
+    transaction (and, on the live path, the checkpoint lock); a handler that
+    raises fails the whole transaction, which is rolled back."""
     if row.event_type not in event_registry:
         # Not merely "not subscribed": this process has never heard of the
         # type (a newer producer?). Skipping it could lose an effect a later
@@ -372,12 +568,9 @@ def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False
                     raise RuntimeError(
                         f"EVENTING_FAIL_CONSUMER={fail_switch}: this consumer fails (test switch)"
                     )
-                # A savepoint per handler keeps a failing handler from leaving
-                # the transaction aborted under the checkpoint update.
-                with (
-                    transaction.atomic(),
-                    context.scope(in_handler=True, side_effects=handler.side_effects),
-                ):
+                # No savepoint per handler: a failure rolls back the whole
+                # transaction (the batch, or in the fallback its one lane).
+                with context.scope(in_handler=True, side_effects=handler.side_effects):
                     handler.func(event, meta)
             except HandlerFailed:
                 raise
@@ -385,43 +578,167 @@ def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False
                 raise HandlerFailed(row, exc) from exc
 
 
+def _apply_lanes(
+    spec: ConsumerSpec, lanes: list[Lane], *, lock_timeout_ms: int = 0
+) -> BatchOutcome:
+    """Apply the lanes' events in one transaction the caller holds.
+
+    Raises HandlerFailed on the first failing handler (the caller rolls back),
+    ConsumerPaused, or a database error. With `lock_timeout_ms`, any lock wait
+    longer than that fails the transaction (see process_batch).
+    """
+    outcome = BatchOutcome()
+    check_not_paused(spec.name, lock_timeout_ms=lock_timeout_ms)
+    lock_checkpoints(spec.name, lanes)
+    behind: list[Lane] = []
+    for lane in lanes:
+        lane.duplicates = lane.new_version = 0
+        if lane.parked:
+            outcome.parked += len(lane.delivered)
+            continue
+        # A duplicate: at or below the checkpoint, or a second copy in this batch.
+        lane.fresh = []
+        seen: set[tuple[int, str]] = set()
+        for d in lane.delivered:
+            if d.version > lane.checkpoint_version and (d.version, d.event_id) not in seen:
+                seen.add((d.version, d.event_id))
+                lane.fresh.append(d)
+        lane.duplicates = len(lane.delivered) - len(lane.fresh)
+        if lane.fresh:
+            behind.append(lane)
+    stored = _load_lane_events(behind)
+    to_apply: list[StoredEvent] = []
+    for lane in behind:
+        rows = stored.get(lane.key, [])
+        by_version = {row.version: row for row in rows}
+        # Every delivered message must name a stored event exactly; one that
+        # doesn't is forged or corrupt and is set aside alone.
+        valid_top = 0
+        for d in lane.fresh:
+            row = by_version.get(d.version)
+            if row is None or str(row.event_id) != d.event_id:
+                outcome.invalid.append(
+                    (
+                        d.message,
+                        _raised(
+                            PermanentFailure(
+                                f"message names event {d.event_id} at {d.aggregate_type}/"
+                                f"{d.aggregate_id} v{d.version}, which is not in the event store"
+                            )
+                        ),
+                    )
+                )
+            else:
+                valid_top = max(valid_top, d.version)
+        if not valid_top:
+            continue
+        expected = lane.checkpoint_version + 1
+        lane_rows = [row for row in rows if row.version <= valid_top]
+        if [row.version for row in lane_rows] != list(range(expected, valid_top + 1)):
+            error = _raised(
+                PermanentFailure(
+                    f"store gap: {lane.aggregate_type}/{lane.aggregate_id} has versions "
+                    f"{[row.version for row in lane_rows]} after checkpoint v{expected - 1}"
+                )
+            )
+            outcome.invalid.extend((d.message, error) for d in lane.fresh)
+            continue
+        lane.new_version = valid_top
+        to_apply.extend(lane_rows)
+    # Global store order across lanes; per lane that is version order.
+    to_apply.sort(key=lambda row: row.position)
+    batched = spec.batched_rows_by_type()
+    with unit_of_work() as uow:
+        prefetch_rows(batched, to_apply)
+        for row in to_apply:
+            apply_event(spec, row)
+        flush(uow, {rows for per_type in batched.values() for rows in per_type})
+    _save_checkpoints(lanes)
+    outcome.applied = len(to_apply)
+    outcome.duplicates = sum(lane.duplicates for lane in lanes)
+    for _ in range(outcome.duplicates):
+        observe.duplicate_skipped(spec.name)  # [observability]
+    return outcome
+
+
+def prefetch_rows(batched: dict[str, list[BatchedRows]], events: list[StoredEvent]) -> None:
+    """Load, in one query per read model, the rows these events' handlers
+    will get: each keyed by the id of the aggregate the event belongs to."""
+    keys: dict[BatchedRows, set[str]] = {}
+    for row in events:
+        for rows in batched.get(row.event_type, ()):
+            keys.setdefault(rows, set()).add(row.aggregate_id)
+    for rows, wanted in keys.items():
+        rows.prefetch(wanted)
+
+
+def process_batch(consumer: str, messages: list[Any]) -> BatchOutcome:
+    """Apply a batch of delivered messages.
+
+    The fast path applies every lane in one transaction: one commit and a
+    handful of statements for the whole batch besides the handlers' own. When
+    a handler fails there, the batch is rolled back and each lane is applied
+    in its own transaction, so one bad event holds back only its own lane;
+    the failures come back in `failed` for the caller to retry or dead-letter.
+    Raises ConsumerPaused or a database error that is nobody's fault (nothing
+    of the batch is then committed by the fast path; in the fallback, lanes
+    already committed become duplicates on retry).
+    """
+    spec = registry.get(consumer)
+    outcome = BatchOutcome()
+    lanes: dict[tuple[str, str], Lane] = {}
+    for message in messages:
+        try:
+            aggregate_type, aggregate_id, version, event_id = parse_message(message)
+        except PermanentFailure as exc:
+            outcome.invalid.append((message, exc))
+            continue
+        lane = lanes.get((aggregate_type, aggregate_id))
+        if lane is None:
+            lane = lanes[(aggregate_type, aggregate_id)] = Lane(aggregate_type, aggregate_id, [])
+        lane.delivered.append(Delivered(aggregate_type, aggregate_id, version, event_id, message))
+    ordered = [lanes[key] for key in sorted(lanes)]
+    if not ordered:
+        return outcome
+    # The fast path holds many lanes' rows (and the rows their handlers lock)
+    # at once, so it must never be the one that waits: another batch, or a
+    # user's request, may hold what it needs in another order, and a deadlock
+    # would otherwise pick a victim among them. Past the timeout it steps
+    # aside, and the lanes go one by one, each short and unhurried.
+    timeout = settings.EVENTING["BATCH_LOCK_TIMEOUT_MS"] if len(ordered) > 1 else 0
+    try:
+        with transaction.atomic():
+            outcome.merge(_apply_lanes(spec, ordered, lock_timeout_ms=timeout))
+        return outcome
+    except HandlerFailed as exc:
+        if len(ordered) == 1:
+            outcome.failed.append(LaneFailure(ordered[0].messages, exc))
+            return outcome
+    except OperationalError as exc:
+        # Two batches that lock read-model rows in different orders can
+        # deadlock; lane by lane they do not hold each other's rows long.
+        if len(ordered) == 1 or not connection.is_usable():
+            raise
+        logger.info(
+            "%s: batch of %d lanes failed (%s); lane by lane now", consumer, len(ordered), exc
+        )
+    for lane in ordered:
+        try:
+            with transaction.atomic():
+                outcome.merge(_apply_lanes(spec, [lane]))
+        except HandlerFailed as exc:
+            outcome.failed.append(LaneFailure(lane.messages, exc))
+    return outcome
+
+
 def process_message(consumer: str, message: Any) -> Outcome:
     """Apply one delivered message. Raises HandlerFailed or PermanentFailure."""
-    spec = registry.get(consumer)
-    aggregate_type, aggregate_id, version, event_id = parse_message(message)
-    with transaction.atomic():
-        check_not_paused(consumer)
-        checkpoint = lock_checkpoint(consumer, aggregate_type, aggregate_id)
-        if checkpoint.parked:
-            return Outcome("parked")
-        if version <= checkpoint.version:
-            Checkpoint.objects.filter(pk=checkpoint.pk).update(duplicates=checkpoint.duplicates + 1)
-            observe.duplicate_skipped(consumer)  # [observability]
-            return Outcome("duplicate")
-        rows = StoredEvent.objects.filter(
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            version__gt=checkpoint.version,
-            version__lte=version,
-        ).order_by("version")
-        rows = list(rows)
-        target = rows[-1] if rows else None
-        if target is None or target.version != version or str(target.event_id) != event_id:
-            raise PermanentFailure(
-                f"message names event {event_id} at {aggregate_type}/{aggregate_id} v{version}, "
-                "which is not in the event store"
-            )
-        expected = checkpoint.version + 1
-        for row in rows:
-            if row.version != expected:
-                raise PermanentFailure(
-                    f"store gap: {aggregate_type}/{aggregate_id} lacks v{expected}"
-                )
-            apply_event(spec, row)
-            expected += 1
-        checkpoint.version = version
-        checkpoint.save(update_fields=["version", "updated_at"])
-    return Outcome("applied", applied=len(rows))
+    outcome = process_batch(consumer, [message])
+    if outcome.invalid:
+        raise outcome.invalid[0][1]
+    if outcome.failed:
+        raise outcome.failed[0].error
+    return Outcome(outcome.status, applied=outcome.applied)
 
 
 def retry_delay(attempt: int) -> float:
@@ -534,7 +851,8 @@ def consumer_task(consumer: str) -> Any:
     """Create the Celery task `<consumer>.handle_event`, bound to its queue.
 
     Each business app calls this once in its `tasks.py`, so the task name is
-    explicit and stable whatever module layout changes come later.
+    explicit and stable whatever module layout changes come later. Its
+    argument is one event envelope, or a list of them (the relay's batches).
     """
     from celery import shared_task
 
@@ -549,8 +867,9 @@ def consumer_task(consumer: str) -> Any:
     def handle_event(self: Any, message: Any, failures: int = 0) -> str:
         # `failures` counts failed attempts only; waiting out a pause is not one.
         attempt = failures + 1
+        batch = message if isinstance(message, list) else [message]
         try:
-            outcome = process_message(consumer, message)
+            outcome = process_batch(consumer, batch)
         except ConsumerPaused:
             raise self.retry(
                 countdown=random.uniform(0.5, 1.5),
@@ -563,19 +882,30 @@ def consumer_task(consumer: str) -> Any:
             # here would leave the lane behind until some later event.
             _transient_database_error(consumer, exc)
             raise self.retry(countdown=retry_delay(1), kwargs={"failures": failures}) from exc
-        except PermanentFailure as exc:
-            dead_letter(consumer, message, str(exc), tb.format_exc(), attempt, None)
-            logger.error("%s: invalid message dead-lettered: %s", consumer, exc)
-            return "invalid"
-        except HandlerFailed as exc:
+        for invalid, error in outcome.invalid:
+            dead_letter(consumer, invalid, str(error), _format(error), attempt, None)
+            logger.error("%s: invalid message dead-lettered: %s", consumer, error)
+        retry: list[Any] = []
+        transient = False
+        for failure in outcome.failed:
+            exc = failure.error
             if isinstance(exc.error, OperationalError | InterfaceError):
-                # Same as above, raised while a handler ran: not the event's fault.
+                # Raised while a handler ran, but not the event's fault either.
                 _transient_database_error(consumer, exc.error)
-                raise self.retry(countdown=retry_delay(1), kwargs={"failures": failures}) from exc
+                transient = True
+                retry.extend(failure.messages)
+                continue
             observe.handler_failed(consumer, exc)  # [observability]
             max_attempts = settings.EVENTING["MAX_ATTEMPTS"]
             if exc.permanent or attempt >= max_attempts:
-                dead_letter(consumer, message, str(exc), exc.traceback, attempt, exc.event)
+                dead_letter(
+                    consumer,
+                    _message_naming(failure.messages, exc.event),
+                    str(exc),
+                    exc.traceback,
+                    attempt,
+                    exc.event,
+                )
                 logger.error(
                     "%s: event %s dead-lettered after %d attempts: %s",
                     consumer,
@@ -583,19 +913,39 @@ def consumer_task(consumer: str) -> Any:
                     attempt,
                     exc,
                 )
-                return "dead-lettered"
-            countdown = retry_delay(attempt)
+                continue
             observe.handler_retrying(consumer, exc)  # [observability]
             logger.warning(
-                "%s: event %s failed (attempt %d/%d), retrying in %.2fs: %s",
+                "%s: event %s failed (attempt %d/%d), retrying: %s",
                 consumer,
                 exc.event.event_id,
                 attempt,
                 max_attempts,
-                countdown,
                 exc,
             )
-            raise self.retry(countdown=countdown, kwargs={"failures": attempt}) from exc
+            retry.extend(failure.messages)
+        if retry:
+            # Only the failed lanes go round again; the rest are committed.
+            countdown = retry_delay(1) if transient else retry_delay(attempt)
+            raise self.retry(
+                args=(retry if len(retry) > 1 else retry[0],),
+                countdown=countdown,
+                kwargs={"failures": failures if transient else attempt},
+            )
+        if outcome.failed:
+            return "dead-lettered"
         return outcome.status
 
     return handle_event
+
+
+def _format(error: BaseException) -> str:
+    return "".join(tb.format_exception(error))
+
+
+def _message_naming(messages: list[Any], event: StoredEvent) -> Any:
+    """Of a lane's messages, the one naming `event`, else its newest."""
+    for message in messages:
+        if isinstance(message, dict) and message.get("id") == str(event.event_id):
+            return message
+    return max(messages, key=lambda m: int(m.get("aggregateversion", 0)))

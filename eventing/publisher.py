@@ -32,7 +32,10 @@ class PublishError(RuntimeError):
 
 @dataclasses.dataclass
 class OutgoingMessage:
-    key: Any  # the caller's handle (an outbox row id); returned in results
+    # The caller's handles (outbox row ids) of what the message carries; a
+    # batch message carries several rows, and a row may go out in several
+    # messages (one per consumer). Results are per key.
+    keys: tuple[Any, ...]
     routing_key: str
     body: Any
     headers: dict[str, Any]
@@ -98,17 +101,19 @@ class ConfirmingPublisher:
         assert self._results is not None
         tags = [t for t in self._pending if t <= delivery_tag] if multiple else [delivery_tag]
         for tag in tags:
-            key = self._pending.pop(tag, None)
-            if key is None:
+            keys = self._pending.pop(tag, None)
+            if keys is None:
                 continue
             returned = self._returned.pop(str(tag), None)
             reason = error or returned
-            if reason:
-                self._results.failed[key] = reason
-                continue
-            self._outstanding[key] -= 1
-            if self._outstanding[key] == 0 and key not in self._results.failed:
-                self._results.confirmed.add(key)
+            for key in keys:
+                if reason:
+                    self._results.failed[key] = reason
+                    self._results.confirmed.discard(key)
+                    continue
+                self._outstanding[key] -= 1
+                if self._outstanding[key] == 0 and key not in self._results.failed:
+                    self._results.confirmed.add(key)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, None)
@@ -130,7 +135,8 @@ class ConfirmingPublisher:
         self._returned = {}
         self._outstanding = {}
         for outgoing in messages:
-            self._outstanding[outgoing.key] = self._outstanding.get(outgoing.key, 0) + 1
+            for key in outgoing.keys:
+                self._outstanding[key] = self._outstanding.get(key, 0) + 1
         if not messages:
             return self._results
         try:
@@ -151,7 +157,7 @@ class ConfirmingPublisher:
                     message_id=str(tag),
                     **props,
                 )
-                self._pending[tag] = outgoing.key
+                self._pending[tag] = outgoing.keys
                 channel._basic_publish(
                     msg, exchange="", routing_key=outgoing.routing_key, mandatory=True
                 )

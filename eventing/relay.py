@@ -124,26 +124,36 @@ def claim_batch(limit: int, lease_seconds: float) -> list[ClaimedRow]:
     return claimed
 
 
-def build_task_message(consumer: str, envelope: dict[str, Any], key: Any) -> OutgoingMessage:
-    """A Celery protocol-2 task message for `<consumer>.handle_event`."""
+def task_label(envelopes: list[dict[str, Any]]) -> str:
+    """What Flower shows as the task's arguments: "<type> <aggregate> v<n>"
+    for the first events of the batch."""
+    labels = [
+        f"{e['type']} {e['aggregatetype']}/{e['aggregateid']} v{e['aggregateversion']}"
+        for e in envelopes[:3]
+    ]
+    more = len(envelopes) - len(labels)
+    return "; ".join(labels) + (f"; and {more} more" if more > 0 else "")
+
+
+def build_task_message(
+    consumer: str, envelopes: list[dict[str, Any]], keys: tuple[Any, ...]
+) -> OutgoingMessage:
+    """A Celery protocol-2 task message for `<consumer>.handle_event` carrying
+    a batch of envelopes, which the consumer applies in one transaction."""
     from config.celery import app
 
     spec = consumer_registry.get(consumer)
     task_id = str(uuid.uuid4())
-    label = (
-        f"{envelope['type']} {envelope['aggregatetype']}/{envelope['aggregateid']} "
-        f"v{envelope['aggregateversion']}"
-    )
     message = app.amqp.as_task_v2(
         task_id,
         spec.task_name,
-        args=(envelope,),
+        args=(envelopes,),
         kwargs={},
-        argsrepr=label,
+        argsrepr=task_label(envelopes),
         kwargsrepr="{}",
     )
     return OutgoingMessage(
-        key=key,
+        keys=keys,
         routing_key=spec.queue_name,
         body=message.body,
         headers=message.headers,
@@ -155,20 +165,36 @@ class UnknownConsumer(LookupError):
     pass
 
 
-def _messages_for(row: ClaimedRow) -> list[OutgoingMessage]:
+def _targets_of(row: ClaimedRow) -> list[str]:
     if row.consumer:
         if row.consumer not in consumer_registry:
             # A redrive for a consumer this process does not know: keep the
             # row (with the error shown in the admin) rather than drop it.
             raise UnknownConsumer(f"outbox row targets unknown consumer {row.consumer!r}")
-        targets = [row.consumer]
-    elif row.envelope["type"] not in event_registry:
+        return [row.consumer]
+    if row.envelope["type"] not in event_registry:
         # This process has never heard of the type (an older relay during a
         # rolling deploy?): a newer relay may know its consumers. Keep it.
         raise UnknownConsumer(f"event type {row.envelope['type']!r} is not registered here")
-    else:
-        targets = consumer_registry.subscribers_of(row.envelope["type"])
-    return [build_task_message(name, row.envelope, row.outbox_id) for name in targets]
+    return consumer_registry.subscribers_of(row.envelope["type"])
+
+
+def batch_messages(rows: list[ClaimedRow], batch_size: int) -> list[OutgoingMessage]:
+    """One message per consumer per `batch_size` of its rows, in outbox order."""
+    by_consumer: dict[str, list[ClaimedRow]] = {}
+    for row in rows:
+        for name in _targets_of(row):
+            by_consumer.setdefault(name, []).append(row)
+    outgoing = []
+    for name, targeted in by_consumer.items():
+        for start in range(0, len(targeted), batch_size):
+            chunk = targeted[start : start + batch_size]
+            outgoing.append(
+                build_task_message(
+                    name, [r.envelope for r in chunk], tuple(r.outbox_id for r in chunk)
+                )
+            )
+    return outgoing
 
 
 def _retry_delay(attempts: int) -> float:
@@ -212,17 +238,17 @@ def relay_batch(limit: int | None = None) -> RelayReport:
         return report
     report.batches = 1
     claims = {row.outbox_id: row for row in rows}
-    outgoing: list[OutgoingMessage] = []
     per_row: dict[int, int] = {}
     failed: dict[int, str] = {}
+    publishable = []
     for row in rows:
         try:
-            messages = _messages_for(row)
+            per_row[row.outbox_id] = len(_targets_of(row))
         except UnknownConsumer as exc:
             failed[row.outbox_id] = str(exc)
             continue
-        per_row[row.outbox_id] = len(messages)
-        outgoing.extend(messages)
+        publishable.append(row)
+    outgoing = batch_messages(publishable, conf["CONSUMER_BATCH_SIZE"])
     observation = observe.relay_publishing(rows, outgoing)  # [observability]
     try:
         result = get_publisher().publish_batch(outgoing)

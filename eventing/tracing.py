@@ -327,7 +327,9 @@ def relay_publishing(rows: Sequence[Any], outgoing: Sequence[Any]) -> RelaySpans
             },
         )
     for message in outgoing:
-        span = per_row.get(message.key)
+        # A batch message continues the trace of its first traced event; the
+        # consumer parents each event's apply span on its own recorded context.
+        span = next((per_row[key] for key in message.keys if key in per_row), None)
         if span is not None:
             message.headers["traceparent"] = format_traceparent(span.get_span_context())
     return RelaySpans(batch, per_row)

@@ -7,13 +7,19 @@ import bisect
 from decimal import Decimal
 
 from eventing.consumers import EventMeta, Projection, ReadModel
+from eventing.rows import BatchedRows
 
 from .models import CatalogItem, OrderSummary
 
 # Both are keyed by an aggregate id: OrderSummary rows by the order id (the
-# id of the orders.Order and inventory.Reservation streams alike), catalog
-# rows by the sku (the inventory.StockItem stream).
-SUMMARY = Projection("orders.summary", [ReadModel(OrderSummary, key_field="order_id")])
+# id of the orders.Order, inventory.Reservation and notifications streams
+# alike), catalog rows by the sku (the inventory.StockItem stream).
+# The summary is batched: a consumer batch or a replay chunk reads its rows
+# in one query and writes them in one (eventing.rows).
+SUMMARY_ROWS = BatchedRows(OrderSummary, key_field="order_id")
+SUMMARY = Projection(
+    "orders.summary", [ReadModel(OrderSummary, key_field="order_id", rows=SUMMARY_ROWS)]
+)
 CATALOG = Projection("orders.catalog", [ReadModel(CatalogItem, key_field="sku")])
 
 
@@ -32,10 +38,12 @@ def timeline_entry(meta: EventMeta, detail: dict | None = None) -> dict:
 def summary_placed(
     *, meta: EventMeta, order_id: str, customer_id: int, lines: list, total: str
 ) -> None:
-    summary_touch(meta=meta, order_id=order_id, status="PENDING")
-    OrderSummary.objects.filter(order_id=order_id).update(
-        customer_id=customer_id, lines=lines, total=Decimal(total), placed_at=meta.time
-    )
+    summary = _touched(meta, order_id, status="PENDING", detail=None)
+    summary.customer_id = customer_id
+    summary.lines = lines
+    summary.total = Decimal(total)
+    summary.placed_at = meta.time
+    SUMMARY_ROWS.put(summary)
 
 
 def summary_touch(
@@ -43,7 +51,13 @@ def summary_touch(
 ) -> None:
     """Add the event to the order's timeline (once: keyed by position) and set
     the status when the event changes it."""
-    summary = OrderSummary.objects.select_for_update().filter(order_id=order_id).first()
+    SUMMARY_ROWS.put(_touched(meta, order_id, status=status, detail=detail))
+
+
+def _touched(
+    meta: EventMeta, order_id: str, *, status: str | None, detail: dict | None
+) -> OrderSummary:
+    summary = SUMMARY_ROWS.get(order_id)
     if summary is None:
         # Inventory's lane may run ahead of the order's own lane, so the first
         # event to arrive creates the row; OrderPlaced fills in the rest.
@@ -64,4 +78,4 @@ def summary_touch(
     if status is not None:
         summary.status = status
     summary.updated_at = max(summary.updated_at, meta.time)
-    summary.save()
+    return summary

@@ -155,8 +155,14 @@ def take_all(name: str, timeout: float = 30.0) -> list[amqp.Message]:
 
 
 def event_ids(messages: list[amqp.Message]) -> list[str]:
-    """The envelope ids of Celery protocol-2 task messages: [args, kwargs, embed]."""
-    return [json.loads(message.body)[0][0]["id"] for message in messages]
+    """The envelope ids of Celery protocol-2 task messages: [args, kwargs, embed],
+    whose one argument is the relay's batch of envelopes."""
+    ids = []
+    for message in messages:
+        (batch,), _, _ = json.loads(message.body)
+        assert isinstance(batch, list) and batch, "the relay sends a list of envelopes"
+        ids.extend(envelope["id"] for envelope in batch)
+    return ids
 
 
 def _holds_steady(predicate: Callable[[], bool], seconds: float = 0.5) -> bool:
@@ -448,7 +454,8 @@ def test_cut_broker_connection_keeps_rows_then_publishes_each_once(
         }
         assert all(row.claimed_until is None for row in rows)
         assert StoredEvent.objects.filter(aggregate_type=PROBE_AGGREGATE).count() == 20
-        assert _depth(probe_queue) == 5, "nothing of the failed batch reached the broker"
+        # The warm batch's 5 rows went out as one message; nothing of the failed one.
+        assert _depth(probe_queue) == 1, "nothing of the failed batch reached the broker"
 
         proxy.restore()
         # We wait for the backoff instead of resetting available_at: after one
@@ -559,7 +566,7 @@ def test_rows_stay_until_the_broker_confirms_them(
     assert len(rows) == 10, "a row left the outbox without a confirm"
     assert all("confirms not received in time" in row.last_error for row in rows)
     assert all(row.attempts == 1 and row.claimed_until is None for row in rows)
-    assert _depth(probe_queue) == 10  # the broker did take them
+    assert _depth(probe_queue) == 1  # the broker did take them: 10 rows, one batch message
 
     healthy = _new_publisher()
     monkeypatch.setattr(relay_module, "get_publisher", lambda: healthy)
@@ -620,3 +627,25 @@ def test_crashed_relays_rows_wait_for_the_lease_then_go_once(
     assert waited >= lease - 0.05, f"rows were re-claimed after {waited:.2f}s < lease {lease}s"
     assert not OutboxMessage.objects.exists()
     assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
+
+
+# -- 5. batches ------------------------------------------------------------------
+
+
+def test_the_relay_sends_each_consumer_its_events_in_batches(
+    probe_queue: str, publishers: list[ConfirmingPublisher], settings: Any
+) -> None:
+    settings.EVENTING = {**settings.EVENTING, "CONSUMER_BATCH_SIZE": 100}
+    ids = insert_events(250)
+
+    report = relay_module.relay_batch(500)
+
+    assert (report.published_rows, report.messages, report.failed_rows) == (250, 250, 0)
+    assert not OutboxMessage.objects.exists()
+    messages = take_all(probe_queue)
+    batches = [json.loads(message.body)[0][0] for message in messages]
+    assert [len(batch) for batch in batches] == [100, 100, 50]
+    # In outbox order, each event once; Flower names the first events of each.
+    assert [envelope["id"] for batch in batches for envelope in batch] == ids
+    assert all(m.headers["argsrepr"].endswith("; and 97 more") for m in messages[:2])
+    assert messages[2].headers["argsrepr"].startswith(f"{RelayProbe.name} {PROBE_AGGREGATE}/")

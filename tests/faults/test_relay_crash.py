@@ -66,8 +66,9 @@ def test_relay_dies_between_confirm_and_delete(
             for key in result.confirmed:
                 published[key] += 1
             for message in outgoing:
-                if message.key in result.confirmed:
-                    messages[message.key] += 1
+                for key in message.keys:
+                    if key in result.confirmed:
+                        messages[key] += 1
             return result
 
         publisher.publish_batch = publish_batch  # type: ignore[method-assign]

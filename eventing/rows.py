@@ -1,0 +1,137 @@
+"""Batched read-model rows: load a batch's rows in one query, write them in one.
+
+A projection handler that reads and rewrites one row per event (the order
+summary, say) costs a SELECT and an UPDATE per event. Inside a unit of work
+(a consumer batch, a replay chunk) the runtime instead prefetches every row the
+events will touch, keyed by the aggregate id they derive from, and the handlers
+get and put those instances in memory; `flush()` writes the changed ones with
+one INSERT ... ON CONFLICT DO UPDATE.
+
+Invariants:
+- A unit of work lives inside one transaction and is flushed before it
+  commits (before the checkpoint moves), so rows and checkpoint commit together.
+- Within it, `get(key)` returns the same instance every time: events applied
+  later in the batch see what earlier ones put.
+- A key is locked (a transaction-level advisory lock) before its row is read,
+  whether the row exists or not: whoever writes these rows goes through here.
+- Outside a unit of work (a handler called directly), `get` locks and reads
+  one row and `put` saves it at once: the same handler code, unbatched.
+- Only handlers of the read model's projection may write its rows while a unit
+  of work is open; others would be overwritten by the flush.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from django.db import connection, models
+
+
+@dataclasses.dataclass
+class UnitOfWork:
+    lock: bool
+    # (model label, key) -> the row, or None when it does not exist (yet).
+    rows: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+    dirty: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+
+
+_current: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
+    "eventing_rows", default=None
+)
+
+
+@contextlib.contextmanager
+def unit_of_work(*, lock: bool = True) -> Iterator[UnitOfWork]:
+    """Open a unit of work; the caller flushes it (`flush`) before commit.
+    `lock=False` reads without FOR UPDATE (replay holds the consumers paused)."""
+    uow = UnitOfWork(lock=lock)
+    token = _current.set(uow)
+    try:
+        yield uow
+    finally:
+        _current.reset(token)
+
+
+class BatchedRows:
+    """The rows of one read model, keyed by the field holding an aggregate id."""
+
+    def __init__(self, model: type[models.Model], key_field: str) -> None:
+        self.model = model
+        self.key_field = key_field
+
+    @property
+    def label(self) -> str:
+        return self.model._meta.label
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Load the rows of `keys` not loaded yet into the current unit of work."""
+        uow = _current.get()
+        if uow is None:
+            return
+        wanted = {str(k) for k in keys} - {k for label, k in uow.rows if label == self.label}
+        if not wanted:
+            return
+        for key in wanted:
+            uow.rows[(self.label, key)] = None
+        if uow.lock:
+            self.lock_keys(wanted)
+        qs = self.model._default_manager.filter(**{f"{self.key_field}__in": wanted})
+        for row in qs:
+            uow.rows[(self.label, str(getattr(row, self.key_field)))] = row
+
+    def lock_keys(self, keys: Iterable[str]) -> None:
+        """Lock the keys, whether their rows exist or not, until the
+        transaction ends: a row lock cannot cover a row not inserted yet, and
+        two batches creating the same row would each write their own version.
+        In hash order, so two batches wanting the same keys queue, not deadlock."""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM ("
+                "  SELECT DISTINCT hashtextextended(%s || ':' || key, 0) AS k"
+                "  FROM unnest(%s::text[]) AS key ORDER BY 1) AS wanted",
+                [self.label, sorted(keys)],
+            )
+
+    def get(self, key: Any) -> Any | None:
+        uow = _current.get()
+        if uow is None:
+            self.lock_keys([str(key)])
+            return self.model._default_manager.filter(**{self.key_field: key}).first()
+        slot = (self.label, str(key))
+        if slot not in uow.rows:
+            self.prefetch([str(key)])
+        return uow.rows[slot]
+
+    def put(self, row: Any) -> None:
+        uow = _current.get()
+        if uow is None:
+            row.save()
+            return
+        slot = (self.label, str(getattr(row, self.key_field)))
+        uow.rows[slot] = row
+        uow.dirty[slot] = row
+
+
+def flush(uow: UnitOfWork, read_models: Iterable[BatchedRows]) -> int:
+    """Write the changed rows, one statement per read model. Returns the count."""
+    written = 0
+    for rows in read_models:
+        changed = [row for (label, _), row in sorted(uow.dirty.items()) if label == rows.label]
+        if not changed:
+            continue
+        fields = [
+            f.name
+            for f in rows.model._meta.concrete_fields
+            if not f.primary_key and f.name != rows.key_field
+        ]
+        rows.model._default_manager.bulk_create(
+            changed, update_conflicts=True, unique_fields=[rows.key_field], update_fields=fields
+        )
+        written += len(changed)
+        for key in [slot for slot in uow.dirty if slot[0] == rows.label]:
+            del uow.dirty[key]
+    return written

@@ -1,0 +1,150 @@
+"""Batched consumption: the relay sends each consumer lists of envelopes, and
+the consumer applies a list in one transaction. What a user would notice:
+the read models and checkpoints come out as if the events had come one by one,
+a poison event holds back only its own lane, and the database work of a batch
+does not grow with its size."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from eventing import store
+from eventing.consumers import process_batch
+from eventing.models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
+from orders.events import OrderCancelled, OrderConfirmed, OrderPlaced
+from orders.models import OrderSummary
+
+from ..support import Worker, wait_for
+
+
+def _append_unpublished(order_id: str, events: list[Any]) -> list[StoredEvent]:
+    """Store events for an order without outbox rows: the test sends them."""
+    with transaction.atomic():
+        rows = store.append(
+            aggregate_type="orders.Order",
+            aggregate_id=order_id,
+            expected_version=0,
+            events=events,
+        )
+        OutboxMessage.objects.filter(event__in=rows).delete()
+    return rows
+
+
+def _stream(order_id: str) -> list[Any]:
+    kw = {"order_id": order_id, "customer_id": 7}
+    return [
+        OrderPlaced(
+            **kw,
+            lines=[{"sku": "S", "quantity": 1, "unit_price": "2.00"}],
+            total="2.00",
+            currency="EUR",
+        ),
+        OrderConfirmed(**kw),
+        OrderCancelled(**kw, reason="changed my mind"),
+    ]
+
+
+def _placed(n: int) -> list[dict[str, Any]]:
+    envelopes = []
+    for _ in range(n):
+        order_id = str(uuid.uuid4())
+        [placed] = _append_unpublished(order_id, _stream(order_id)[:1])
+        envelopes.append(placed.envelope())
+    return envelopes
+
+
+def test_a_batch_costs_the_same_statements_whatever_its_size(db: None) -> None:
+    """One transaction per batch: the checkpoints, the store read and the
+    summary rows each take one statement for the whole batch."""
+    small, large = _placed(5), _placed(40)
+    with CaptureQueriesContext(connection) as small_queries:
+        assert process_batch("orders", small).applied == 5
+    with CaptureQueriesContext(connection) as large_queries:
+        assert process_batch("orders", large).applied == 40
+    assert len(large_queries) == len(small_queries), [q["sql"][:80] for q in large_queries]
+    assert len(small_queries) <= 12, [q["sql"][:80] for q in small_queries]
+    ids = [e["aggregateid"] for e in small + large]
+    summaries = OrderSummary.objects.filter(order_id__in=ids)
+    assert summaries.count() == 45
+    assert {(s.status, s.customer_id, str(s.total)) for s in summaries} == {("PENDING", 7, "2.00")}
+    lanes = Checkpoint.objects.filter(consumer="orders", aggregate_id__in=ids, version=1)
+    assert lanes.count() == 45
+
+
+def test_a_shuffled_batch_with_copies_applies_each_version_once_in_order(db: None) -> None:
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    rows = _append_unpublished(first, _stream(first)) + _append_unpublished(second, _stream(second))
+    messages = [row.envelope() for row in rows] * 2  # every event twice
+    random.Random(3).shuffle(messages)
+
+    outcome = process_batch("orders", messages)
+
+    assert (outcome.applied, outcome.duplicates, outcome.invalid, outcome.failed) == (6, 6, [], [])
+    for order_id in (first, second):
+        summary = OrderSummary.objects.get(order_id=order_id)
+        assert summary.status == "CANCELLED"
+        assert [e["version"] for e in summary.timeline] == [1, 2, 3]
+        lane = Checkpoint.objects.get(consumer="orders", aggregate_id=order_id)
+        assert (lane.version, lane.duplicates) == (3, 3)
+    # Delivered again later: every message is a duplicate, nothing changes.
+    again = process_batch("orders", messages)
+    assert (again.applied, again.duplicates) == (0, 12)
+
+
+def test_a_forged_message_in_a_batch_is_set_aside_and_the_rest_applied(db: None) -> None:
+    [real] = _placed(1)
+    forged = {**real, "id": str(uuid.uuid4()), "aggregateid": str(uuid.uuid4())}
+
+    outcome = process_batch("orders", [real, forged, "not an envelope"])
+
+    assert outcome.applied == 1
+    errors = sorted(str(error) for _, error in outcome.invalid)
+    assert len(errors) == 2
+    assert errors[0] == "message body is str, not an event envelope"
+    assert errors[1].startswith(f"message names event {forged['id']}")
+    assert errors[1].endswith("which is not in the event store")
+    assert OrderSummary.objects.filter(order_id=real["aggregateid"]).exists()
+    # The forged lane leaves no checkpoint behind.
+    assert not Checkpoint.objects.filter(aggregate_id=forged["aggregateid"]).exists()
+
+
+@pytest.mark.live
+def test_a_poison_lane_in_a_batch_is_dead_lettered_alone(live: Worker) -> None:
+    from orders.tasks import handle_event
+
+    poison = str(uuid.uuid4())
+    healthy = [str(uuid.uuid4()) for _ in range(4)]
+    rows = {oid: _append_unpublished(oid, _stream(oid)) for oid in [*healthy, poison]}
+    live.restart(EVENTING_FAIL_CONSUMER="orders", EVENTING_FAIL_AGGREGATE=poison)
+    try:
+        batch = [row.envelope() for oid in [*healthy, poison] for row in rows[oid]]
+        handle_event.apply_async(args=(batch,))
+
+        dead = wait_for(
+            lambda: DeadLetter.objects.filter(consumer="orders", status="open").first(),
+            what="the poison lane's dead letter",
+        )
+        wait_for(lambda: not live.busy(), what="the worker to finish the batch")
+    finally:
+        live.restart()
+    assert dead.event.aggregate_id == poison
+    assert dead.event.version == 1  # the lane's first event failed; nothing of it applied
+    assert dead.attempts == 3  # EVENTING_MAX_ATTEMPTS in the test settings
+    assert "EVENTING_FAIL_CONSUMER=orders" in dead.error
+    assert dead.message["aggregateid"] == poison
+    lane = Checkpoint.objects.get(consumer="orders", aggregate_id=poison)
+    assert lane.parked and lane.version == 0
+    assert not OrderSummary.objects.filter(order_id=poison).exists()
+    # The other lanes of the same message were applied (on the first attempt,
+    # lane by lane after the batch failed) and never retried.
+    for order_id in healthy:
+        assert OrderSummary.objects.get(order_id=order_id).status == "CANCELLED"
+        lane = Checkpoint.objects.get(consumer="orders", aggregate_id=order_id)
+        assert (lane.version, lane.parked, lane.duplicates) == (3, False, 0)
+    assert DeadLetter.objects.count() == 1
