@@ -48,7 +48,8 @@ TARGET = 1.0
 
 
 def load_backlog(n: int) -> None:
-    """N fresh events in the store, relayed into bench.orders only."""
+    """N fresh events in the store, relayed into bench.orders only (in the
+    relay's batches: CONSUMER_BATCH_SIZE envelopes per message)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "TRUNCATE eventing_storedevent, eventing_outboxmessage, eventing_checkpoint, "
@@ -60,7 +61,7 @@ def load_backlog(n: int) -> None:
     report = relay.relay(max_seconds=3600)
     if report.published_rows != n:
         raise RuntimeError(f"relay published {report.published_rows}/{n}: {report.errors}")
-    wait_queue_depth("orders", n)
+    wait_queue_depth("orders", report.broker_messages)
 
 
 def time_consumer(worker: BenchWorker, n: int, timeout: float) -> float:

@@ -144,7 +144,10 @@ class ConfirmingPublisher:
             for outgoing in messages:
                 tag = self._next_tag
                 self._next_tag += 1
-                content_type, encoding, data = dumps(outgoing.body, serializer="json")
+                if isinstance(outgoing.body, bytes):  # already serialized JSON
+                    content_type, encoding, data = "application/json", "utf-8", outgoing.body
+                else:
+                    content_type, encoding, data = dumps(outgoing.body, serializer="json")
                 props = dict(outgoing.properties)
                 msg = amqp.Message(
                     data,

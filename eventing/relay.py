@@ -54,16 +54,26 @@ class ClaimedRow:
     outbox_id: int
     consumer: str
     attempts: int
+    # The envelope's attributes; `data` may be left out when `envelope_json`
+    # (the whole envelope, serialized) is given.
     envelope: dict[str, Any]
     # The lease value is the claim's token: settling matches on it, so a relay
     # whose lease ran out cannot touch a row another relay has re-claimed.
     claimed_until: Any = None
+    envelope_json: str = ""
+
+    def wire_json(self) -> str:
+        """The envelope as JSON, serialized once however many consumers get it."""
+        if not self.envelope_json:
+            self.envelope_json = json.dumps(self.envelope, default=str)
+        return self.envelope_json
 
 
 @dataclasses.dataclass
 class RelayReport:
     published_rows: int = 0
-    messages: int = 0
+    messages: int = 0  # deliveries: one per (row, consumer)
+    broker_messages: int = 0  # confirmed AMQP messages (a batch carries many rows)
     failed_rows: int = 0
     batches: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
@@ -82,8 +92,9 @@ UPDATE eventing_outboxmessage o
 SET claimed_until = now() + make_interval(secs => %s), attempts = o.attempts + 1
 FROM claimable c, eventing_storedevent e
 WHERE o.id = c.id AND e.position = o.event_id
-RETURNING o.id, o.consumer, o.attempts, o.claimed_until, e.position, e.event_id, e.aggregate_type,
-          e.aggregate_id, e.version, e.event_type, e.schema_version, e.payload, e.source,
+RETURNING o.id, o.consumer, o.attempts, o.claimed_until, e.position, e.event_id::text,
+          e.aggregate_type,
+          e.aggregate_id, e.version, e.event_type, e.schema_version, e.payload::text, e.source,
           e.time, e.correlation_id, e.causation_id, e.traceparent, e.actor, e.chain_depth
 """
 
@@ -101,7 +112,7 @@ def claim_batch(limit: int, lease_seconds: float) -> list[ClaimedRow]:
         (correlation_id, causation_id, traceparent, actor, chain_depth) = row[14:]
         envelope = {
             "specversion": "1.0",
-            "id": str(event_id),
+            "id": event_id,
             "source": source,
             "type": event_type,
             "subject": f"{agg_type}/{agg_id}",
@@ -117,9 +128,11 @@ def claim_batch(limit: int, lease_seconds: float) -> list[ClaimedRow]:
             "traceparent": traceparent,
             "actor": actor,
             "chaindepth": chain_depth,
-            "data": payload if not isinstance(payload, str) else json.loads(payload),
         }
-        claimed.append(ClaimedRow(outbox_id, consumer, attempts, envelope, claimed_until))
+        # The payload goes out as the store holds it: spliced in as JSON text,
+        # never parsed and serialized again.
+        wire = f'{json.dumps(envelope)[:-1]}, "data": {payload}}}'
+        claimed.append(ClaimedRow(outbox_id, consumer, attempts, envelope, claimed_until, wire))
     claimed.sort(key=lambda r: r.outbox_id)
     return claimed
 
@@ -135,11 +148,10 @@ def task_label(envelopes: list[dict[str, Any]]) -> str:
     return "; ".join(labels) + (f"; and {more} more" if more > 0 else "")
 
 
-def build_task_message(
-    consumer: str, envelopes: list[dict[str, Any]], keys: tuple[Any, ...]
-) -> OutgoingMessage:
+def build_task_message(consumer: str, rows: list[ClaimedRow]) -> OutgoingMessage:
     """A Celery protocol-2 task message for `<consumer>.handle_event` carrying
-    a batch of envelopes, which the consumer applies in one transaction."""
+    the rows' envelopes, which the consumer applies in one transaction. The
+    body is JSON, serialized here."""
     from config.celery import app
 
     spec = consumer_registry.get(consumer)
@@ -147,15 +159,19 @@ def build_task_message(
     message = app.amqp.as_task_v2(
         task_id,
         spec.task_name,
-        args=(envelopes,),
+        args=(),
         kwargs={},
-        argsrepr=task_label(envelopes),
+        argsrepr=task_label([row.envelope for row in rows]),
         kwargsrepr="{}",
     )
+    # Celery's protocol-2 body is [args, kwargs, embed]; args is ([envelopes],).
+    _, kwargs, embed = message.body
+    envelopes = ",".join(row.wire_json() for row in rows)
+    body = f"[[[{envelopes}]],{json.dumps(kwargs)},{json.dumps(embed)}]"
     return OutgoingMessage(
-        keys=keys,
+        keys=tuple(row.outbox_id for row in rows),
         routing_key=spec.queue_name,
-        body=message.body,
+        body=body.encode(),
         headers=message.headers,
         properties={"correlation_id": task_id},
     )
@@ -163,6 +179,16 @@ def build_task_message(
 
 class UnknownConsumer(LookupError):
     pass
+
+
+_subscribers: dict[str, list[str]] = {}
+
+
+def _subscribers_of(event_type: str) -> list[str]:
+    # Handlers are registered at import time, before any relay runs.
+    if event_type not in _subscribers:
+        _subscribers[event_type] = consumer_registry.subscribers_of(event_type)
+    return _subscribers[event_type]
 
 
 def _targets_of(row: ClaimedRow) -> list[str]:
@@ -176,25 +202,24 @@ def _targets_of(row: ClaimedRow) -> list[str]:
         # This process has never heard of the type (an older relay during a
         # rolling deploy?): a newer relay may know its consumers. Keep it.
         raise UnknownConsumer(f"event type {row.envelope['type']!r} is not registered here")
-    return consumer_registry.subscribers_of(row.envelope["type"])
+    return _subscribers_of(row.envelope["type"])
 
 
-def batch_messages(rows: list[ClaimedRow], batch_size: int) -> list[OutgoingMessage]:
-    """One message per consumer per `batch_size` of its rows, in outbox order."""
+def batch_messages(
+    rows: list[ClaimedRow], batch_size: int, targets: dict[int, list[str]] | None = None
+) -> list[OutgoingMessage]:
+    """One message per consumer per `batch_size` of its rows, in outbox order.
+    `targets` (outbox id -> consumers) saves working them out again."""
     by_consumer: dict[str, list[ClaimedRow]] = {}
     for row in rows:
-        for name in _targets_of(row):
+        names = targets[row.outbox_id] if targets is not None else _targets_of(row)
+        for name in names:
             by_consumer.setdefault(name, []).append(row)
-    outgoing = []
-    for name, targeted in by_consumer.items():
-        for start in range(0, len(targeted), batch_size):
-            chunk = targeted[start : start + batch_size]
-            outgoing.append(
-                build_task_message(
-                    name, [r.envelope for r in chunk], tuple(r.outbox_id for r in chunk)
-                )
-            )
-    return outgoing
+    return [
+        build_task_message(name, targeted[start : start + batch_size])
+        for name, targeted in by_consumer.items()
+        for start in range(0, len(targeted), batch_size)
+    ]
 
 
 def _retry_delay(attempts: int) -> float:
@@ -238,17 +263,18 @@ def relay_batch(limit: int | None = None) -> RelayReport:
         return report
     report.batches = 1
     claims = {row.outbox_id: row for row in rows}
-    per_row: dict[int, int] = {}
+    targets: dict[int, list[str]] = {}
     failed: dict[int, str] = {}
     publishable = []
     for row in rows:
         try:
-            per_row[row.outbox_id] = len(_targets_of(row))
+            targets[row.outbox_id] = _targets_of(row)
         except UnknownConsumer as exc:
             failed[row.outbox_id] = str(exc)
             continue
         publishable.append(row)
-    outgoing = batch_messages(publishable, conf["CONSUMER_BATCH_SIZE"])
+    per_row = {outbox_id: len(names) for outbox_id, names in targets.items()}
+    outgoing = batch_messages(publishable, conf["CONSUMER_BATCH_SIZE"], targets)
     observation = observe.relay_publishing(rows, outgoing)  # [observability]
     try:
         result = get_publisher().publish_batch(outgoing)
@@ -272,6 +298,7 @@ def relay_batch(limit: int | None = None) -> RelayReport:
     _delete_published(done, claims)
     _release_failed(failed, claims)
     report.published_rows = len(done)
+    report.broker_messages = sum(1 for m in outgoing if all(k in result.confirmed for k in m.keys))
     report.messages = sum(per_row[outbox_id] for outbox_id in done)
     report.failed_rows = len(failed)
     report.errors.extend(sorted(set(failed.values()) - set(report.errors)))
@@ -291,6 +318,7 @@ def relay(max_seconds: float | None = None) -> RelayReport:
         report = relay_batch(limit)
         total.published_rows += report.published_rows
         total.messages += report.messages
+        total.broker_messages += report.broker_messages
         total.failed_rows += report.failed_rows
         total.batches += report.batches
         total.errors.extend(report.errors)
@@ -311,6 +339,14 @@ def request_wake() -> None:
     is already asked for (coalescing a burst of commits into one message)."""
     try:
         with connection.cursor() as cursor:
+            # While the relay is busy most commits find a wake-up already
+            # asked for. A plain read then settles it: the upsert below locks
+            # the row even when it changes nothing, and that lock would make
+            # this little transaction wait for a WAL flush at commit.
+            cursor.execute("SELECT requested FROM eventing_relaywake WHERE id = 1")
+            found = cursor.fetchone()
+            if found is not None and found[0]:
+                return
             # An upsert, so a truncated table (test teardown) heals itself.
             cursor.execute(
                 "INSERT INTO eventing_relaywake (id, requested) VALUES (1, true) "
