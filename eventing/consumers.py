@@ -24,7 +24,7 @@ import random
 import traceback as tb
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.apps import apps
@@ -59,7 +59,8 @@ class EventMeta:
     replaying: bool = False
 
     @classmethod
-    def of(cls, row: StoredEvent, *, consumer: str, replaying: bool = False) -> EventMeta:
+    def of(cls, row: Any, *, consumer: str, replaying: bool = False) -> EventMeta:
+        """`row`: a StoredEvent, or a row with its attributes (replay's EventRow)."""
         return cls(
             event_id=str(row.event_id),
             event_type=row.event_type,
@@ -661,7 +662,7 @@ def _apply_lanes(
     return outcome
 
 
-def prefetch_rows(batched: dict[str, list[BatchedRows]], events: list[StoredEvent]) -> None:
+def prefetch_rows(batched: dict[str, list[BatchedRows]], events: Sequence[Any]) -> None:
     """Load, in one query per read model, the rows these events' handlers
     will get: each keyed by the id of the aggregate the event belongs to."""
     keys: dict[BatchedRows, set[str]] = {}

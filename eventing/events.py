@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import functools
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -45,17 +46,24 @@ class DomainEvent:
 
     @classmethod
     def from_payload(cls, payload: Payload) -> DomainEvent:
-        field_names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name not in payload
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        )
+        field_names, required = _shape(cls)
+        missing = sorted(name for name in required if name not in payload)
         if missing:
             raise ValueError(f"{cls.name} v{cls.version} payload lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in payload.items() if k in field_names})
+
+
+@functools.cache
+def _shape(cls: type[DomainEvent]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """An event class's field names and the ones without a default (decoding
+    runs per event in replay: worked out once per class)."""
+    fields = dataclasses.fields(cls)
+    required = tuple(
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    return frozenset(f.name for f in fields), required
 
 
 def _jsonable(value: Any) -> Any:
