@@ -79,6 +79,9 @@ class RelayReport:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
+# Both the outbox rows and their events are reached by primary key from
+# arrays (`= ANY(ARRAY(...))`): a plain join let the planner hash or merge-join
+# whole tables, a cost that grows with the backlog and the store.
 _CLAIM_SQL = """
 WITH claimable AS (
     SELECT o.id FROM eventing_outboxmessage o
@@ -87,15 +90,18 @@ WITH claimable AS (
     ORDER BY o.id
     LIMIT %s
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE eventing_outboxmessage o
+    SET claimed_until = now() + make_interval(secs => %s), attempts = o.attempts + 1
+    WHERE o.id = ANY(ARRAY(SELECT id FROM claimable))
+    RETURNING o.id, o.consumer, o.attempts, o.claimed_until, o.event_id
 )
-UPDATE eventing_outboxmessage o
-SET claimed_until = now() + make_interval(secs => %s), attempts = o.attempts + 1
-FROM claimable c, eventing_storedevent e
-WHERE o.id = c.id AND e.position = o.event_id
-RETURNING o.id, o.consumer, o.attempts, o.claimed_until, e.position, e.event_id::text,
-          e.aggregate_type,
-          e.aggregate_id, e.version, e.event_type, e.schema_version, e.payload::text, e.source,
-          e.time, e.correlation_id, e.causation_id, e.traceparent, e.actor, e.chain_depth
+SELECT c.id, c.consumer, c.attempts, c.claimed_until, e.position, e.event_id::text,
+       e.aggregate_type, e.aggregate_id, e.version, e.event_type, e.schema_version,
+       e.payload::text, e.source, e.time, e.correlation_id, e.causation_id, e.traceparent,
+       e.actor, e.chain_depth
+FROM claimed c JOIN eventing_storedevent e ON e.position = c.event_id
+WHERE e.position = ANY(ARRAY(SELECT event_id FROM claimed))
 """
 
 
