@@ -360,9 +360,6 @@ class Lane:
     def messages(self) -> list[Any]:
         return [d.message for d in self.delivered]
 
-    def last_message(self) -> Any:
-        return max(self.delivered, key=lambda d: d.version).message
-
 
 @dataclasses.dataclass
 class LaneFailure:
@@ -512,7 +509,11 @@ def _save_checkpoints(lanes: list[Lane]) -> None:
     changed = [lane for lane in lanes if lane.new_version or lane.duplicates]
     # A lane that only forged or corrupt messages named keeps no checkpoint:
     # nobody outside this transaction ever sees the row it created.
-    unused = [lane.checkpoint_id for lane in lanes if lane.created and lane not in changed]
+    unused = [
+        lane.checkpoint_id
+        for lane in lanes
+        if lane.created and not (lane.new_version or lane.duplicates)
+    ]
     with connection.cursor() as cursor:
         if unused:
             cursor.execute("DELETE FROM eventing_checkpoint WHERE id = ANY(%s)", [unused])
