@@ -11,29 +11,16 @@ import uuid
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from eventing import store
 from eventing.consumers import process_batch
-from eventing.models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
+from eventing.models import Checkpoint, DeadLetter
 from orders.events import OrderCancelled, OrderConfirmed, OrderPlaced
 from orders.models import OrderSummary
 
 from ..support import Worker, wait_for
-
-
-def _append_unpublished(order_id: str, events: list[Any]) -> list[StoredEvent]:
-    """Store events for an order without outbox rows: the test sends them."""
-    with transaction.atomic():
-        rows = store.append(
-            aggregate_type="orders.Order",
-            aggregate_id=order_id,
-            expected_version=0,
-            events=events,
-        )
-        OutboxMessage.objects.filter(event__in=rows).delete()
-    return rows
+from .test_consumer import _append_unpublished
 
 
 def _stream(order_id: str) -> list[Any]:
