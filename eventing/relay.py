@@ -33,19 +33,27 @@ logger = logging.getLogger(__name__)
 _publisher: ConfirmingPublisher | None = None
 
 
-def get_publisher() -> ConfirmingPublisher:
-    global _publisher
-    if _publisher is None:
-        from config.celery import app
+def new_publisher(
+    broker_url: str | None = None, confirm_timeout: float | None = None
+) -> ConfirmingPublisher:
+    """A publisher on the platform's queues. Not thread-safe: one per thread."""
+    from config.celery import app
 
+    if confirm_timeout is None:
         # Confirms must arrive well within the lease, or another relay could
         # re-claim rows this one is still waiting on.
         confirm_timeout = min(10.0, settings.EVENTING["RELAY_LEASE_SECONDS"] / 2)
-        _publisher = ConfirmingPublisher(
-            settings.CELERY_BROKER_URL,
-            list(app.conf.task_queues or []),
-            confirm_timeout=confirm_timeout,
-        )
+    return ConfirmingPublisher(
+        broker_url or settings.CELERY_BROKER_URL,
+        list(app.conf.task_queues or []),
+        confirm_timeout=confirm_timeout,
+    )
+
+
+def get_publisher() -> ConfirmingPublisher:
+    global _publisher
+    if _publisher is None:
+        _publisher = new_publisher()
     return _publisher
 
 

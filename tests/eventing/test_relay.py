@@ -211,11 +211,7 @@ def insert_events(count: int, event_cls: type[DomainEvent] = RelayProbe) -> list
 
 
 def _new_publisher(url: str | None = None, confirm_timeout: float = 10.0) -> ConfirmingPublisher:
-    return ConfirmingPublisher(
-        url or settings.CELERY_BROKER_URL,
-        list(app.conf.task_queues or []),
-        confirm_timeout=confirm_timeout,
-    )
+    return relay_module.new_publisher(url, confirm_timeout)
 
 
 # -- fixtures -------------------------------------------------------------------

@@ -110,12 +110,7 @@ class RelayThreads:
     def publisher(self) -> ConfirmingPublisher:
         publisher = getattr(self._local, "publisher", None)
         if publisher is None:
-            confirm_timeout = min(10.0, settings.EVENTING["RELAY_LEASE_SECONDS"] / 2)
-            publisher = ConfirmingPublisher(
-                settings.CELERY_BROKER_URL,
-                list(app.conf.task_queues or []),
-                confirm_timeout=confirm_timeout,
-            )
+            publisher = relay_module.new_publisher()
             if self.wrap is not None:
                 self.wrap(publisher)
             self._local.publisher = publisher
