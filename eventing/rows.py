@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from django.db import connection, models
@@ -127,24 +126,106 @@ class BatchedRows:
         uow.dirty[slot] = row
 
 
+@dataclasses.dataclass(frozen=True)
+class Statement:
+    sql: str
+    params: list[Any]
+    slots: tuple[tuple[str, str], ...]  # the (model label, key) of each row written
+
+
 def flush(uow: UnitOfWork, read_models: Iterable[BatchedRows]) -> int:
     """Write the changed rows, one statement per read model. Returns the count."""
-    written = 0
+    statements = take_dirty(uow, read_models)
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement.sql, statement.params)
+    return sum(len(statement.slots) for statement in statements)
+
+
+def take_dirty(uow: UnitOfWork, read_models: Iterable[BatchedRows]) -> list[Statement]:
+    """The statements that write the changed rows as they are now (serialized
+    here: later changes to the instances are not in them), and the rows marked
+    clean. Replay runs them on another thread while it folds the next chunk."""
+    statements = []
     for rows in read_models:
-        changed = [row for (label, _), row in sorted(uow.dirty.items()) if label == rows.label]
-        if not changed:
+        slots = sorted(slot for slot in uow.dirty if slot[0] == rows.label)
+        if not slots:
             continue
-        _upsert(rows, changed)
-        written += len(changed)
-        for key in [slot for slot in uow.dirty if slot[0] == rows.label]:
-            del uow.dirty[key]
-    return written
+        statements.append(_upsert(rows, slots, [uow.dirty.pop(slot) for slot in slots]))
+    return statements
+
+
+@dataclasses.dataclass(frozen=True)
+class _Column:
+    attname: str
+    name: str
+    quoted: str
+    db_type: str
+    # How the value becomes JSON that PostgreSQL's input function reads.
+    encode: Callable[[Any], Any] | None
+    # Fields whose value is computed at save time (auto_now): use pre_save.
+    field: models.Field | None
 
 
 _AUTO_FIELDS = {"AutoField", "BigAutoField", "SmallAutoField"}
+_plans: dict[type[models.Model], tuple[list[_Column], str]] = {}
 
 
-def _upsert(rows: BatchedRows, instances: list[Any]) -> None:
+def _encoder_for(field: models.Field) -> Callable[[Any], Any] | None:
+    if isinstance(field, models.JSONField):
+        if field.encoder is None:
+            return None  # already JSON-shaped
+        encoder = field.encoder
+        return lambda value: json.loads(json.dumps(value, cls=encoder))
+    if isinstance(field, models.DateTimeField | models.DateField | models.TimeField):
+        return _isoformat
+    if isinstance(field, models.DecimalField | models.UUIDField):
+        return str
+    return None
+
+
+def _isoformat(value: Any) -> Any:
+    return value.isoformat()
+
+
+def _plan(rows: BatchedRows) -> tuple[list[_Column], str]:
+    """The columns written and the statement text, once per model."""
+    model = rows.model
+    if model in _plans:
+        return _plans[model]
+    quote = connection.ops.quote_name
+    fields = [
+        f
+        for f in model._meta.concrete_fields
+        if f.name == rows.key_field or f.get_internal_type() not in _AUTO_FIELDS
+    ]
+    columns = [
+        _Column(
+            attname=f.attname,
+            name=f.column,
+            quoted=quote(f.column),
+            db_type=f.db_type(connection),
+            encode=_encoder_for(f),
+            field=f if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False) else None,
+        )
+        for f in fields
+    ]
+    names = ", ".join(c.quoted for c in columns)
+    shape = ", ".join(f"{c.quoted} {c.db_type}" for c in columns)
+    key = quote(model._meta.get_field(rows.key_field).column)
+    updates = ", ".join(f"{c.quoted} = EXCLUDED.{c.quoted}" for c in columns if c.quoted != key)
+    table = quote(model._meta.db_table)
+    # Identifiers only, from the model's metadata and quoted; values are parameters.
+    sql = (
+        f"INSERT INTO {table} ({names}) "  # noqa: S608
+        f"SELECT {names} FROM jsonb_to_recordset(%s::jsonb) AS r({shape}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+    _plans[model] = (columns, sql)
+    return columns, sql
+
+
+def _upsert(rows: BatchedRows, slots: list[tuple[str, str]], instances: list[Any]) -> Statement:
     """INSERT ... SELECT FROM jsonb_to_recordset(one JSON document) ON CONFLICT
     (key) DO UPDATE: one statement with a fixed text and one parameter. JSON is
     the cheapest way here to ship thousands of rows (one C-level dump, one
@@ -152,38 +233,18 @@ def _upsert(rows: BatchedRows, instances: list[Any]) -> None:
     `bulk_create(update_conflicts=True)` or per-column arrays spend most of a
     replay adapting values one by one. A surrogate auto primary key is left to
     its sequence (or kept on update)."""
-    fields = [
-        f
-        for f in rows.model._meta.concrete_fields
-        if f.name == rows.key_field or f.get_internal_type() not in _AUTO_FIELDS
-    ]
-    quote = connection.ops.quote_name
+    columns, sql = _plan(rows)
     records = []
     for obj in instances:
         record = {}
-        for f in fields:
-            value = f.pre_save(obj, True)
-            if isinstance(f, models.JSONField) and f.encoder is not None and value is not None:
-                value = json.loads(json.dumps(value, cls=f.encoder))
-            record[f.column] = value
+        for column in columns:
+            value = (
+                column.field.pre_save(obj, True)
+                if column.field is not None
+                else getattr(obj, column.attname)
+            )
+            if value is not None and column.encode is not None:
+                value = column.encode(value)
+            record[column.name] = value
         records.append(record)
-    columns = [quote(f.column) for f in fields]
-    shape = ", ".join(f"{quote(f.column)} {f.db_type(connection)}" for f in fields)
-    key = quote(rows.model._meta.get_field(rows.key_field).column)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != key)
-    table = quote(rows.model._meta.db_table)
-    # Identifiers only, from the model's metadata and quoted; values are parameters.
-    sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
-        f"SELECT {', '.join(columns)} FROM jsonb_to_recordset(%s::jsonb) AS r({shape}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [json.dumps(records, default=_json_scalar)])
-
-
-def _json_scalar(value: Any) -> Any:
-    """Decimal, datetime, UUID... as the text PostgreSQL's input functions read."""
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    return str(value)
+    return Statement(sql, [json.dumps(records, default=str)], tuple(slots))
