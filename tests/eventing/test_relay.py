@@ -539,6 +539,33 @@ def test_a_burst_of_commits_sends_one_wake_up(
     assert len(set(event_ids(take_all(probe_queue)))) == 51
 
 
+def test_a_row_committed_while_the_relay_clears_the_flag_goes_in_that_run(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that commits after the relay's clearing claim took its snapshot,
+    but before that claim committed, still sees the flag set and sends no
+    wake-up. The run must publish its row anyway."""
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    real_relay_batch = relay_module.relay_batch
+    late: list[str] = []
+
+    def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> Any:
+        report = real_relay_batch(limit, clear_wake=clear_wake)
+        if clear_wake:
+            # The writer in the window: committed, and no wake-up sent.
+            late.extend(insert_events(1))
+        return report
+
+    monkeypatch.setattr(relay_module, "relay_batch", relay_batch)
+    report = relay_module.relay(max_seconds=10)
+
+    assert late, "the clearing claim ran"
+    assert report.published_rows == 1, report
+    assert event_ids(take_all(probe_queue)) == late
+    assert not OutboxMessage.objects.filter(event__event_id=late[0]).exists()
+    assert not RelayWake.objects.get(id=1).requested
+
+
 # -- 5. confirms and leases -----------------------------------------------------
 
 
