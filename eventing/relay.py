@@ -290,19 +290,17 @@ _DELETE_SQL = (
 )
 
 
-def _delete_published(
-    ids: list[int], claims: dict[int, ClaimedRow], *, no_flush_wait: bool = False
-) -> None:
-    """Delete the confirmed rows still under this relay's lease. With
-    `no_flush_wait`, as a transaction of its own in one round trip."""
+def _delete_published(ids: list[int], claims: dict[int, ClaimedRow]) -> None:
+    """Delete the confirmed rows still under this relay's lease: inside the
+    caller's transaction, or else as a transaction of its own in one round trip."""
     if not ids:
         return
     params = [ids, [claims[i].claimed_until for i in ids]]
     with connection.cursor() as cursor:
-        if no_flush_wait:
-            _one_transaction(cursor, _NO_FLUSH_WAIT + _DELETE_SQL, params)
-        else:
+        if connection.in_atomic_block:
             cursor.execute(_DELETE_SQL, params)
+        else:
+            _one_transaction(cursor, _NO_FLUSH_WAIT + _DELETE_SQL, params)
 
 
 def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayReport:
@@ -355,7 +353,7 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
             _delete_published(done, claims)
             _release_failed(failed, claims)
     elif done:
-        _delete_published(done, claims, no_flush_wait=True)
+        _delete_published(done, claims)
     report.published_rows = len(done)
     report.broker_messages = sum(1 for m in outgoing if all(k in result.confirmed for k in m.keys))
     report.messages = sum(per_row[outbox_id] for outbox_id in done)
