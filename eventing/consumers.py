@@ -35,7 +35,7 @@ from . import context, observe
 from .events import DomainEvent, UnknownEventType, UnknownEventVersion
 from .events import registry as event_registry
 from .models import Checkpoint, DeadLetter, OutboxMessage, StoredEvent
-from .rows import BatchedRows, flush, unit_of_work
+from .rows import BatchedRows, Statement, take_dirty, unit_of_work
 from .store import ChainDepthExceeded
 
 logger = logging.getLogger(__name__)
@@ -505,7 +505,10 @@ def _load_lane_events(lanes: list[Lane]) -> dict[tuple[str, str], list[StoredEve
     return by_lane
 
 
-def _save_checkpoints(lanes: list[Lane]) -> None:
+def _save_checkpoints(lanes: list[Lane], rows_written: Sequence[Statement] = ()) -> None:
+    """Move the lanes' checkpoints, in one round trip with the batched read
+    models' row writes (`rows_written`): all of them are writes whose results
+    nobody reads, and they commit together anyway."""
     changed = [lane for lane in lanes if lane.new_version or lane.duplicates]
     # A lane that only forged or corrupt messages named keeps no checkpoint:
     # nobody outside this transaction ever sees the row it created.
@@ -514,22 +517,30 @@ def _save_checkpoints(lanes: list[Lane]) -> None:
         for lane in lanes
         if lane.created and not (lane.new_version or lane.duplicates)
     ]
-    with connection.cursor() as cursor:
-        if unused:
-            cursor.execute("DELETE FROM eventing_checkpoint WHERE id = ANY(%s)", [unused])
-        if not changed:
-            return
-        cursor.execute(
-            "UPDATE eventing_checkpoint c "
-            "SET version = GREATEST(c.version, u.v), duplicates = c.duplicates + u.d, "
-            "    updated_at = now() "
-            "FROM unnest(%s::bigint[], %s::int[], %s::int[]) AS u(id, v, d) WHERE c.id = u.id",
-            [
-                [lane.checkpoint_id for lane in changed],
-                [lane.new_version for lane in changed],
-                [lane.duplicates for lane in changed],
-            ],
+    statements = [(statement.sql, statement.params) for statement in rows_written]
+    if unused:
+        statements.append(("DELETE FROM eventing_checkpoint WHERE id = ANY(%s)", [unused]))
+    if changed:
+        statements.append(
+            (
+                "UPDATE eventing_checkpoint c "
+                "SET version = GREATEST(c.version, u.v), duplicates = c.duplicates + u.d, "
+                "    updated_at = now() "
+                "FROM unnest(%s::bigint[], %s::int[], %s::int[]) AS u(id, v, d) "
+                "WHERE c.id = u.id",
+                [
+                    [lane.checkpoint_id for lane in changed],
+                    [lane.new_version for lane in changed],
+                    [lane.duplicates for lane in changed],
+                ],
+            )
         )
+    if statements:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                ";\n".join(sql for sql, _ in statements),
+                [param for _, params in statements for param in params],
+            )
 
 
 def apply_event(spec: ConsumerSpec, row: StoredEvent, *, replaying: bool = False) -> None:
@@ -654,8 +665,8 @@ def _apply_lanes(
         prefetch_rows(batched, to_apply)
         for row in to_apply:
             apply_event(spec, row)
-        flush(uow, {rows for per_type in batched.values() for rows in per_type})
-    _save_checkpoints(lanes)
+        rows_written = take_dirty(uow, {rows for per_type in batched.values() for rows in per_type})
+    _save_checkpoints(lanes, rows_written)
     outcome.applied = len(to_apply)
     outcome.duplicates = sum(lane.duplicates for lane in lanes)
     for _ in range(outcome.duplicates):

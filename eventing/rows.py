@@ -4,12 +4,13 @@ A projection handler that reads and rewrites one row per event (the order
 summary, say) costs a SELECT and an UPDATE per event. Inside a unit of work
 (a consumer batch, a replay chunk) the runtime instead prefetches every row the
 events will touch, keyed by the aggregate id they derive from, and the handlers
-get and put those instances in memory; `flush()` writes the changed ones with
-one INSERT ... ON CONFLICT DO UPDATE.
+get and put those instances in memory; `take_dirty()` gives the one
+INSERT ... ON CONFLICT DO UPDATE per read model that writes the changed ones,
+for the caller to run before it commits.
 
 Invariants:
-- A unit of work lives inside one transaction and is flushed before it
-  commits (before the checkpoint moves), so rows and checkpoint commit together.
+- A unit of work lives inside one transaction and its writes run before it
+  commits (with the checkpoint's move), so rows and checkpoint commit together.
 - Within it, `get(key)` returns the same instance every time: events applied
   later in the batch see what earlier ones put.
 - A key is locked (a transaction-level advisory lock) before its row is read,
@@ -17,7 +18,7 @@ Invariants:
 - Outside a unit of work (a handler called directly), `get` locks and reads
   one row and `put` saves it at once: the same handler code, unbatched.
 - Only handlers of the read model's projection may write its rows while a unit
-  of work is open; others would be overwritten by the flush.
+  of work is open; others would be overwritten by its writes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ _current: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def unit_of_work(*, lock: bool = True) -> Iterator[UnitOfWork]:
-    """Open a unit of work; the caller flushes it (`flush`) before commit.
+    """Open a unit of work; the caller runs its writes (`take_dirty`) before commit.
     `lock=False` reads without FOR UPDATE (replay holds the consumers paused)."""
     uow = UnitOfWork(lock=lock)
     token = _current.set(uow)
@@ -131,15 +132,6 @@ class Statement:
     sql: str
     params: list[Any]
     slots: tuple[tuple[str, str], ...]  # the (model label, key) of each row written
-
-
-def flush(uow: UnitOfWork, read_models: Iterable[BatchedRows]) -> int:
-    """Write the changed rows, one statement per read model. Returns the count."""
-    statements = take_dirty(uow, read_models)
-    with connection.cursor() as cursor:
-        for statement in statements:
-            cursor.execute(statement.sql, statement.params)
-    return sum(len(statement.slots) for statement in statements)
 
 
 def take_dirty(uow: UnitOfWork, read_models: Iterable[BatchedRows]) -> list[Statement]:
