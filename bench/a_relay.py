@@ -12,11 +12,11 @@ those same batch messages, built by the relay's own function.
 
 from __future__ import annotations
 
-import json
 import time
 
+from django.db import connection, transaction
+
 from eventing import relay
-from eventing.models import StoredEvent
 
 from .common import (
     RELAY_BATCH,
@@ -34,6 +34,7 @@ from .common import (
     reset_database,
     retried,
     rounded,
+    scalar,
 )
 from .sizes import Sizes
 
@@ -65,10 +66,17 @@ def baseline_messages() -> list[list[RawMessage]]:
         batches.append(batch)
         rows.clear()
 
-    for event in StoredEvent.objects.order_by("position").iterator(chunk_size=5000):
-        rows.append(relay.ClaimedRow(event.position, "", 0, event.envelope()))
-        if len(rows) == RELAY_BATCH:
-            close_batch()
+    # The envelopes exactly as the relay's claim builds them (same SQL).
+    with transaction.atomic(), connection.chunked_cursor() as cursor:
+        cursor.execute(
+            f"SELECT e.position, '', 0, NULL, {relay.EVENT_COLUMNS_SQL} "
+            "FROM eventing_storedevent e ORDER BY e.position"
+        )
+        while chunk := cursor.fetchmany(5000):
+            for row in relay.claimed_rows(chunk):
+                rows.append(row)
+                if len(rows) == RELAY_BATCH:
+                    close_batch()
     if rows:
         close_batch()
     return batches
@@ -107,9 +115,10 @@ def run(sizes: Sizes) -> Result:
     batches = baseline_messages()
     messages = [message for batch in batches for message in batch]
     deliveries = 2  # each OrderPlaced goes to orders and inventory
-    first = StoredEvent.objects.order_by("position").first()
-    assert first is not None
-    envelope_bytes = len(json.dumps(first.envelope(), default=str))
+    envelope_bytes = scalar(
+        f"SELECT octet_length({relay.ENVELOPE_JSON_SQL}) FROM eventing_storedevent e "
+        "ORDER BY e.position LIMIT 1"
+    )
     body_bytes = sum(len(m.body) for m in messages) / len(messages)
     relay_rates: list[float] = []
     raw_rates: list[float] = []
