@@ -1,8 +1,9 @@
 """b_latency: commit -> read model updated by a consumer, at a steady rate.
 
 Measured: orders placed through `orders.services.order_place()` at a steady
-rate (200/s) for a duration, with the real worker (orders, inventory,
-notifications and relay queues; prefork -c 2) and the relay woken on commit.
+rate (200/s) for a duration, by `latency_threads` threads (4) on one schedule,
+with the real worker (orders, inventory, notifications and relay queues;
+prefork -c 2) and the relay woken on commit.
 Latency of one order = the moment its OrderSummary row (the orders consumer's
 projection of OrderPlaced) is visible - the moment its COMMIT returned. A
 watcher thread polls every 5 ms. Orders still unseen `drain` seconds after
@@ -61,7 +62,9 @@ def truncate_stamps() -> None:
         cursor.execute("TRUNCATE bench_stamp")
 
 
-def one_run(rate: float, seconds: float, drain: float, seed: int, baseline_tasks: int) -> dict:
+def one_run(
+    rate: float, seconds: float, drain: float, seed: int, baseline_tasks: int, threads: int
+) -> dict:
     reset_database()
     purge_queues()
     customer = setup_data.seed()
@@ -72,7 +75,9 @@ def one_run(rate: float, seconds: float, drain: float, seed: int, baseline_tasks
         watcher.start()
         spy = PySpy(f"b_latency_{int(rate)}", worker.pids()[1:], seconds=seconds)
         try:
-            placed, took = place_steadily(customer, rate, seconds, watcher, seed=seed)
+            placed, took = place_steadily(
+                customer, rate, seconds, watcher, seed=seed, threads=threads
+            )
             spy.stop()
             try:
                 wait_until(lambda: watcher.outstanding() == 0, timeout=drain, interval=0.1)
@@ -129,6 +134,7 @@ def run(sizes: Sizes) -> Result:
                 drain,
                 seed=99,
                 baseline_tasks=sizes.latency_baseline_tasks,
+                threads=sizes.latency_threads,
             ),
             "b_latency low-rate run",
         )
@@ -141,6 +147,7 @@ def run(sizes: Sizes) -> Result:
                 drain,
                 seed=rep + 1,
                 baseline_tasks=sizes.latency_baseline_tasks,
+                threads=sizes.latency_threads,
             ),
             "b_latency run",
         )
@@ -185,6 +192,7 @@ def run(sizes: Sizes) -> Result:
             "seconds": sizes.latency_seconds,
             "drain_s": drain,
             "poll_interval_ms": 5,
+            "placing_threads": sizes.latency_threads,
         },
         extra={
             "p95_ms": rounded(p95, 2),

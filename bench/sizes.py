@@ -13,6 +13,7 @@ class Sizes:
     latency_rate: float = 200.0  # b_latency: orders/s
     latency_seconds: float = 60.0
     latency_low_rate: float = 10.0  # b_latency: one extra run at a rate it sustains
+    latency_threads: int = 4  # b_latency: order-placing threads (one cannot offer 200/s)
     latency_repeats: int = 3
     latency_drain: float = 30.0  # b_latency: wait this long after the load for stragglers
     latency_baseline_tasks: int = 300
@@ -37,6 +38,7 @@ QUICK = Sizes(
     latency_rate=200.0,
     latency_seconds=10.0,
     latency_low_rate=10.0,
+    latency_threads=4,
     latency_baseline_tasks=100,
     latency_drain=5.0,
     latency_repeats=2,
