@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from django.db import models, transaction
+from django.db import models
 from django.utils import timezone
 
+from . import context
 from .events import DomainEvent
 
 
@@ -243,7 +244,9 @@ class EventSourcedModel(models.Model):
     Domain methods change fields and `record()` events; `save()` writes the row
     and appends the events to the store and the outbox in one transaction.
     `version` is the aggregate's stream version; a writer holding a stale
-    instance fails with `ConcurrencyError` instead of silently winning.
+    instance fails with `ConcurrencyError` instead of silently winning. Nested
+    in a transaction, a failed save rolls back to its own savepoint, except
+    inside a consumer's handler, where it fails the batch (`atomic_step`).
     """
 
     aggregate_type: ClassVar[str] = ""
@@ -283,7 +286,7 @@ class EventSourcedModel(models.Model):
         update_fields = kwargs.get("update_fields")
         if update_fields is not None and pending:
             kwargs["update_fields"] = {*update_fields, "version"}
-        with transaction.atomic():
+        with context.atomic_step():
             self.version = expected_version + len(pending)
             try:
                 super().save(*args, **kwargs)

@@ -7,6 +7,8 @@ from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 
+from eventing.context import atomic_step
+
 from . import events
 from .models import Reservation, StockItem
 
@@ -62,7 +64,7 @@ def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
     items are locked FOR UPDATE (in sku order, so two orders cannot deadlock)
     and checked and changed in the same transaction."""
     order_uuid = uuid.UUID(order_id)
-    with transaction.atomic():
+    with atomic_step():  # policies call this inside their batch's transaction
         existing = Reservation.objects.filter(order_id=order_uuid).first()
         if existing is not None:
             return existing
@@ -115,7 +117,7 @@ def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
 def _settle_reservation(*, order_id: str, commit: bool) -> Reservation | None:
     """Release (cancel) or commit (ship) a reservation; a no-op when there is
     nothing reserved, e.g. the order was rejected or already released."""
-    with transaction.atomic():
+    with atomic_step():  # policies call this inside their batch's transaction
         reservation = Reservation.objects.select_for_update().filter(order_id=order_id).first()
         if reservation is None or reservation.status != Reservation.Status.RESERVED:
             return reservation

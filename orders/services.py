@@ -9,6 +9,7 @@ from decimal import Decimal
 from django.db import transaction
 
 from eventing import context
+from eventing.context import atomic_step
 
 from .models import CatalogItem, Order
 
@@ -66,7 +67,7 @@ def _load_for_update(order_id: str | uuid.UUID) -> Order:
 
 
 def order_confirm(*, order_id: str) -> Order:
-    with transaction.atomic():
+    with atomic_step():  # policies call this inside their batch's transaction
         order = _load_for_update(order_id)
         order.confirm()
         order.save()
@@ -74,7 +75,7 @@ def order_confirm(*, order_id: str) -> Order:
 
 
 def order_reject(*, order_id: str, reasons: list[dict]) -> Order:
-    with transaction.atomic():
+    with atomic_step():  # policies call this inside their batch's transaction
         order = _load_for_update(order_id)
         order.reject(reasons)
         order.save()
