@@ -61,7 +61,7 @@ def new_correlation_id() -> str:
     return str(uuid.uuid4())
 
 
-def atomic_step() -> transaction.Atomic:
+def atomic_step(*, savepoint: bool = True) -> transaction.Atomic:
     """`transaction.atomic()` for one step of a larger unit of work.
 
     Inside a consumer's handler (or a replay) it takes no savepoint: the
@@ -72,4 +72,4 @@ def atomic_step() -> transaction.Atomic:
     it. Anywhere else it is plain `transaction.atomic()`: nested, a failure
     rolls back to its savepoint and the caller's transaction stays usable.
     """
-    return transaction.atomic(savepoint=not current().in_handler)
+    return transaction.atomic(savepoint=savepoint and not current().in_handler)

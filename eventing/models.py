@@ -245,8 +245,9 @@ class EventSourcedModel(models.Model):
     and appends the events to the store and the outbox in one transaction.
     `version` is the aggregate's stream version; a writer holding a stale
     instance fails with `ConcurrencyError` instead of silently winning. Nested
-    in a transaction, a failed save rolls back to its own savepoint, except
-    inside a consumer's handler, where it fails the batch (`atomic_step`).
+    in a transaction, a failed update rolls back to its own savepoint, except
+    inside a consumer's handler, where it fails the batch (`atomic_step`); a
+    failed insert fails the enclosing transaction, as a plain Django save does.
     """
 
     aggregate_type: ClassVar[str] = ""
@@ -286,7 +287,14 @@ class EventSourcedModel(models.Model):
         update_fields = kwargs.get("update_fields")
         if update_fields is not None and pending:
             kwargs["update_fields"] = {*update_fields, "version"}
-        with context.atomic_step():
+        # Nested, an update takes a savepoint: one that lost a race
+        # (ConcurrencyError) rolls back alone and the caller's transaction
+        # stays usable, e.g. to reload and retry. An insert takes none, like a
+        # plain Django save (a failed insert fails the enclosing transaction):
+        # a second writer of a new aggregate collides on the row's own key
+        # before its events, so there is no race of that kind to recover from,
+        # and placing an order saves two round trips.
+        with context.atomic_step(savepoint=not self._state.adding):
             self.version = expected_version + len(pending)
             try:
                 super().save(*args, **kwargs)
