@@ -322,7 +322,7 @@ def _read_chunks(events: QuerySet[StoredEvent], batch_size: int) -> Iterator[lis
     with connection.chunked_cursor() as cursor:
         cursor.execute(sql, params)
         while rows := cursor.fetchmany(batch_size):
-            if rows and isinstance(rows[0][payload], str):
+            if isinstance(rows[0][payload], str):
                 yield [
                     EventRow(*v[:payload], json.loads(v[payload]), *v[payload + 1 :]) for v in rows
                 ]
@@ -394,8 +394,8 @@ def _apply_all(
             if chunk is not None:
                 prefetch_rows(batched, chunk)
             while chunk is not None:
-                # Pure Python from here to the next wait: it overlaps the
-                # previous chunk's write.
+                # From here to the wait, Python runs beside the previous
+                # chunk's write (unbatched handlers' statements queue behind it).
                 applied = sum(_apply(row, handlers, checkpoints, scopes) for row in chunk)
                 statements = take_dirty(uow, read_models)
                 written = {slot for statement in statements for slot in statement.slots}
