@@ -388,27 +388,35 @@ def relay(max_seconds: float | None = None) -> RelayReport:
     total = RelayReport()
     deadline = time.monotonic() + budget
     limit = settings.EVENTING["RELAY_BATCH_SIZE"]
-    # Wake-ups rest on this: a run ends only on an empty claim whose snapshot
-    # was taken after the flag's clear had committed. A writer that commits
-    # before the clear commits may see the flag still set and not ask for a
-    # wake-up, so its rows must be seen by a later claim of this run. The
-    # clear goes with the first claim (saving a round trip); if that claim
-    # finds nothing, one more claim looks again.
-    first = True
+    # Wake-ups rest on this: after the flag's clear commits, a run does not
+    # end without a claim whose snapshot was taken after that commit. A
+    # writer that commits while the clear is still uncommitted sees the flag
+    # set and asks for no wake-up, so a later claim of this run must see its
+    # rows. The clear goes with the first claim (saving a round trip); if
+    # that claim finds nothing, one more claim looks again. A run that stops
+    # early (a failed batch, the time budget) asks for another run instead.
+    try:
+        report = relay_batch(limit, clear_wake=True)
+    except Exception:
+        # The clear rolled back with the claim: writers would go on seeing
+        # the flag set and never wake a relay (only beat's tick would).
+        _clear_wake_quietly()
+        raise
+    if report.batches == 0:
+        report = relay_batch(limit)
     while True:
-        report = relay_batch(limit, clear_wake=first)
-        if first and report.batches == 0:
-            first = False
-            report = relay_batch(limit)
-        first = False
         total.published_rows += report.published_rows
         total.messages += report.messages
         total.broker_messages += report.broker_messages
         total.failed_rows += report.failed_rows
         total.batches += report.batches
         total.errors.extend(report.errors)
-        if report.batches == 0 or report.failed_rows or time.monotonic() >= deadline:
+        if report.batches == 0:
             return total
+        if report.failed_rows or time.monotonic() >= deadline:
+            request_wake()
+            return total
+        report = relay_batch(limit)
 
 
 # -- wake-ups -----------------------------------------------------------------
@@ -454,7 +462,12 @@ def request_wake() -> None:
         relay_task.apply_async(queue=settings.EVENTING_RELAY_QUEUE, retry=False, expires=30)
     except Exception:
         logger.warning("relay wake-up not sent; the beat tick will publish", exc_info=True)
-        try:
-            clear_wake()
-        except Exception:
-            logger.debug("could not clear the wake flag", exc_info=True)
+        _clear_wake_quietly()
+
+
+def _clear_wake_quietly() -> None:
+    """Clear the flag so that the next commit asks for a wake-up again."""
+    try:
+        clear_wake()
+    except Exception:
+        logger.debug("could not clear the wake flag", exc_info=True)

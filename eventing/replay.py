@@ -351,9 +351,15 @@ class _BackgroundWriter:
         if pending is not None:
             pending.result()
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Wait for the last write. `quiet` (another error is on its way up):
+        log the write's own failure rather than hide that error behind it."""
         try:
             self.wait()
+        except Exception:
+            if not quiet:
+                raise
+            logger.warning("replay: the background write failed as well", exc_info=True)
         finally:
             self._executor.shutdown()
 
@@ -409,9 +415,12 @@ def _apply_all(
                     prefetch_rows(batched, chunk)
                 writer.submit(statements)
                 yield applied, read
-    finally:
+    except BaseException:
         chunks.close()
-        writer.close()
+        writer.close(quiet=True)
+        raise
+    chunks.close()
+    writer.close()
 
 
 def _apply(

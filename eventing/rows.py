@@ -160,7 +160,7 @@ class _Column:
 
 
 _AUTO_FIELDS = {"AutoField", "BigAutoField", "SmallAutoField"}
-_plans: dict[type[models.Model], tuple[list[_Column], str]] = {}
+_plans: dict[tuple[type[models.Model], str], tuple[list[_Column], str]] = {}
 
 
 def _encoder_for(field: models.Field) -> Callable[[Any], Any] | None:
@@ -183,8 +183,8 @@ def _isoformat(value: Any) -> Any:
 def _plan(rows: BatchedRows) -> tuple[list[_Column], str]:
     """The columns written and the statement text, once per model."""
     model = rows.model
-    if model in _plans:
-        return _plans[model]
+    if (model, rows.key_field) in _plans:
+        return _plans[(model, rows.key_field)]
     quote = connection.ops.quote_name
     fields = [
         f
@@ -213,7 +213,7 @@ def _plan(rows: BatchedRows) -> tuple[list[_Column], str]:
         f"SELECT {names} FROM jsonb_to_recordset(%s::jsonb) AS r({shape}) "
         f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
     )
-    _plans[model] = (columns, sql)
+    _plans[(model, rows.key_field)] = (columns, sql)
     return columns, sql
 
 

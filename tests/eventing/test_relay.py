@@ -566,6 +566,40 @@ def test_a_row_committed_while_the_relay_clears_the_flag_goes_in_that_run(
     assert not RelayWake.objects.get(id=1).requested
 
 
+def test_a_run_stopped_by_a_failed_row_asks_for_another_run(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ends early, here on a row it cannot route, has not looked
+    again after clearing the flag: it asks for a run of its own, so a row a
+    writer committed in that window (seeing the flag set, sending nothing)
+    does not wait for beat."""
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    good, stuck = insert_events(2)
+    OutboxMessage.objects.filter(event__event_id=stuck).update(consumer="nobody-by-this-name")
+    real_relay_batch = relay_module.relay_batch
+    late: list[str] = []
+
+    def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> Any:
+        report = real_relay_batch(limit, clear_wake=clear_wake)
+        if clear_wake:
+            late.extend(insert_events(1))  # committed in the window, no wake-up
+        return report
+
+    monkeypatch.setattr(relay_module, "relay_batch", relay_batch)
+    report = relay_module.relay(max_seconds=10)
+
+    assert (report.published_rows, report.failed_rows) == (1, 1), report
+    assert event_ids(take_all(probe_queue)) == [good]
+    wait_for(lambda: _depth("relay") >= 1, what="the run's own wake-up")
+    assert [m.headers["task"] for m in take_all("relay")] == ["eventing.relay"]
+    assert RelayWake.objects.get(id=1).requested
+
+    monkeypatch.setattr(relay_module, "relay_batch", real_relay_batch)
+    assert relay_module.relay(max_seconds=10).published_rows == 1  # the woken run
+    assert event_ids(take_all(probe_queue)) == late
+    assert OutboxMessage.objects.get().last_error.startswith("outbox row targets unknown")
+
+
 # -- 5. confirms and leases -----------------------------------------------------
 
 
