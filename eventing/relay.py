@@ -85,6 +85,8 @@ class RelayReport:
     failed_rows: int = 0
     batches: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
+    # The publish failed as a whole (the broker unreachable, no confirm in time).
+    publish_failed: bool = False
 
 
 # The envelope (CloudEvents attributes plus the aggregate's), built by
@@ -356,6 +358,7 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
             if outbox_id not in result.confirmed:
                 failed.setdefault(outbox_id, str(exc))
         report.errors.append(str(exc))
+        report.publish_failed = True
         logger.warning("relay: publishing a batch of %d rows failed: %s", len(rows), exc)
     for outbox_id, reason in result.failed.items():
         failed.setdefault(outbox_id, reason)
@@ -394,7 +397,9 @@ def relay(max_seconds: float | None = None) -> RelayReport:
     # set and asks for no wake-up, so a later claim of this run must see its
     # rows. The clear goes with the first claim (saving a round trip); if
     # that claim finds nothing, one more claim looks again. A run that stops
-    # early (a failed batch, the time budget) asks for another run instead.
+    # early (failed rows, the time budget) asks for another run instead,
+    # unless the broker itself failed: a wake-up could not be sent then, and
+    # beat's tick retries once the broker is back.
     try:
         report = relay_batch(limit, clear_wake=True)
     except Exception:
@@ -414,7 +419,8 @@ def relay(max_seconds: float | None = None) -> RelayReport:
         if report.batches == 0:
             return total
         if report.failed_rows or time.monotonic() >= deadline:
-            request_wake()
+            if not report.publish_failed:
+                request_wake()
             return total
         report = relay_batch(limit)
 
