@@ -62,19 +62,14 @@ class ClaimedRow:
     outbox_id: int
     consumer: str
     attempts: int
-    # The envelope's attributes (from a claim: only those the relay reads),
-    # and `envelope_json`, the whole envelope as sent.
+    # The attributes the relay routes, labels and traces by.
     envelope: dict[str, Any]
     # The lease value is the claim's token: settling matches on it, so a relay
     # whose lease ran out cannot touch a row another relay has re-claimed.
-    claimed_until: Any = None
-    envelope_json: str = ""
-
-    def wire_json(self) -> str:
-        """The envelope as JSON, serialized once however many consumers get it."""
-        if not self.envelope_json:
-            self.envelope_json = json.dumps(self.envelope, default=str)
-        return self.envelope_json
+    claimed_until: Any
+    # The whole envelope as sent (built by PostgreSQL: ENVELOPE_JSON_SQL),
+    # the same text for every consumer that gets it.
+    envelope_json: str
 
 
 @dataclasses.dataclass
@@ -227,7 +222,7 @@ def build_task_message(consumer: str, rows: list[ClaimedRow]) -> OutgoingMessage
     )
     # Celery's protocol-2 body is [args, kwargs, embed]; args is ([envelopes],).
     _, kwargs, embed = message.body
-    envelopes = ",".join(row.wire_json() for row in rows)
+    envelopes = ",".join(row.envelope_json for row in rows)
     body = f"[[[{envelopes}]],{json.dumps(kwargs)},{json.dumps(embed)}]"
     return OutgoingMessage(
         keys=tuple(row.outbox_id for row in rows),
