@@ -77,6 +77,25 @@ def test_stale_expected_version_raises_and_stream_keeps_1_to_n(placed_order: Ord
     assert Order.objects.get(pk=placed_order.pk).status == "CONFIRMED"
 
 
+def test_an_append_of_many_events_keeps_every_event_in_order(db: None) -> None:
+    # One statement inserts them all: each event must get its own position,
+    # in the order given, and its own outbox row.
+    from eventing import store
+    from inventory.events import STOCK_ITEM, StockReceived
+
+    events = [StockReceived(sku="SKU-BULK", quantity=1, on_hand=n) for n in range(1, 302)]
+    with transaction.atomic():
+        rows = store.append(
+            aggregate_type=STOCK_ITEM, aggregate_id="SKU-BULK", expected_version=0, events=events
+        )
+
+    stored = list(StoredEvent.objects.filter(aggregate_id="SKU-BULK").order_by("position"))
+    assert [e.version for e in stored] == list(range(1, 302))
+    assert [e.payload["on_hand"] for e in stored] == list(range(1, 302))
+    assert [r.position for r in rows] == [e.position for e in stored]
+    assert OutboxMessage.objects.filter(event__aggregate_id="SKU-BULK").count() == 301
+
+
 def test_concurrent_writers_one_wins_each_version(live: object) -> None:
     """Eight threads race to append to one stream from the same stale version:
     exactly one wins, the rest get ConcurrencyError, no gap, no duplicate.
