@@ -285,30 +285,6 @@ def consumer_lock_key(consumer: str) -> int:
     return (0x45564E54 << 32) | zlib.crc32(consumer.encode())
 
 
-_PAUSE_CHECK = (
-    "SELECT %s, pg_advisory_xact_lock_shared(%s), "
-    "(SELECT paused FROM eventing_consumerstate WHERE consumer = %s)"
-)
-_PAUSE_CHECK_WITH_TIMEOUT = (
-    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock_shared(%s), "
-    "(SELECT paused FROM eventing_consumerstate WHERE consumer = %s)"
-)
-
-
-def check_not_paused(consumer: str, *, lock_timeout_ms: int = 0) -> None:
-    """Caller holds a transaction. Takes the consumer's lock shared and fails
-    with ConsumerPaused if a replay paused it. A `lock_timeout_ms` is set for
-    the rest of the transaction, in the same round trip."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _PAUSE_CHECK_WITH_TIMEOUT if lock_timeout_ms > 0 else _PAUSE_CHECK,
-            [f"{lock_timeout_ms}ms", consumer_lock_key(consumer), consumer],
-        )
-        _, _, paused = cursor.fetchone()
-    if paused:
-        raise ConsumerPaused(f"consumer {consumer} is paused")
-
-
 class PermanentFailure(Exception):
     """Retrying cannot help (unknown type or version, malformed message)."""
 
@@ -445,37 +421,91 @@ def lock_checkpoint(consumer: str, aggregate_type: str, aggregate_id: str) -> Ch
     )
 
 
-def lock_checkpoints(consumer: str, lanes: list[Lane]) -> None:
-    """Caller holds a transaction. Creates the lanes' checkpoints that are
-    missing, locks all of them FOR UPDATE and fills in their state: two
-    statements whatever the number of lanes.
+# The start of a batch, in one round trip (each ~0.2-0.3 ms here, on every
+# event's path). First statement: the consumer's lock, shared (a replay takes
+# it exclusively to wait live transactions out), and with `lock_timeout` for
+# the rest of the transaction. Second, in a snapshot taken after that lock:
+# the lanes' checkpoints, created where missing ('c') or locked FOR UPDATE
+# ('e'), and a 'p' row if a replay has paused the consumer. Both the insert
+# and the lock go in (aggregate_type, aggregate_id) order, so two batches
+# that share lanes wait for each other (or past the timeout step aside).
+_LOCK_CONSUMER_SQL = "SELECT pg_advisory_xact_lock_shared(%s);\n"
+_LOCK_CONSUMER_WITH_TIMEOUT_SQL = (
+    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock_shared(%s);\n"
+)
+_LOCK_LANES_SQL = """
+WITH wanted AS (
+    SELECT l.t, l.i FROM unnest(%s::text[], %s::text[]) AS l(t, i)
+), created AS (
+    INSERT INTO eventing_checkpoint (
+        consumer, aggregate_type, aggregate_id, version, duplicates, parked, parked_reason,
+        updated_at)
+    SELECT %s, w.t, w.i, 0, 0, false, '', now() FROM wanted w ORDER BY w.t, w.i
+    ON CONFLICT (consumer, aggregate_type, aggregate_id) DO NOTHING
+    RETURNING id, aggregate_type, aggregate_id, version, parked
+), existing AS (
+    SELECT c.id, c.aggregate_type, c.aggregate_id, c.version, c.parked
+    FROM eventing_checkpoint c JOIN wanted w ON c.aggregate_type = w.t AND c.aggregate_id = w.i
+    WHERE c.consumer = %s
+    ORDER BY c.aggregate_type, c.aggregate_id
+    FOR UPDATE OF c
+)
+SELECT 'c', id, aggregate_type, aggregate_id, version, parked FROM created
+UNION ALL
+SELECT 'e', id, aggregate_type, aggregate_id, version, parked FROM existing
+UNION ALL
+SELECT 'p', NULL, NULL, NULL, NULL, true FROM eventing_consumerstate
+WHERE consumer = %s AND paused
+"""
+# A lane another transaction created after this statement's snapshot was
+# taken (its insert then waited for that one to commit, and did nothing):
+# a statement of its own sees the row.
+_LOCK_LATE_LANES_SQL = """
+SELECT c.id, c.aggregate_type, c.aggregate_id, c.version, c.parked
+FROM eventing_checkpoint c
+JOIN unnest(%s::text[], %s::text[]) AS l(t, i) ON c.aggregate_type = l.t AND c.aggregate_id = l.i
+WHERE c.consumer = %s
+ORDER BY c.aggregate_type, c.aggregate_id
+FOR UPDATE OF c
+"""
 
-    Both statements go in (aggregate_type, aggregate_id) order, so two batches
-    that share lanes wait for each other instead of deadlocking.
-    """
+
+def lock_checkpoints(consumer: str, lanes: list[Lane], *, lock_timeout_ms: int = 0) -> None:
+    """Caller holds a transaction. Takes the consumer's lock shared, fails with
+    ConsumerPaused if a replay paused the consumer, creates the lanes'
+    checkpoints that are missing and locks all of them FOR UPDATE, filling in
+    their state: one round trip whatever the number of lanes (see
+    _LOCK_LANES_SQL). A `lock_timeout_ms` holds for the rest of the
+    transaction."""
     types = [lane.aggregate_type for lane in lanes]
     ids = [lane.aggregate_id for lane in lanes]
+    lock_key = consumer_lock_key(consumer)
+    if lock_timeout_ms > 0:
+        sql, params = _LOCK_CONSUMER_WITH_TIMEOUT_SQL, [f"{lock_timeout_ms}ms", lock_key]
+    else:
+        sql, params = _LOCK_CONSUMER_SQL, [lock_key]
+    found: dict[tuple[str, str], tuple[int, int, bool]] = {}
+    created: set[tuple[str, str]] = set()
     with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO eventing_checkpoint "
-            "(consumer, aggregate_type, aggregate_id, version, duplicates, parked, parked_reason,"
-            " updated_at) "
-            "SELECT %s, l.t, l.i, 0, 0, false, '', now() "
-            "FROM unnest(%s::text[], %s::text[]) AS l(t, i) ORDER BY l.t, l.i "
-            "ON CONFLICT (consumer, aggregate_type, aggregate_id) DO NOTHING "
-            "RETURNING aggregate_type, aggregate_id",
-            [consumer, types, ids],
-        )
-        created = set(cursor.fetchall())
-        cursor.execute(
-            "SELECT c.id, c.aggregate_type, c.aggregate_id, c.version, c.parked "
-            "FROM eventing_checkpoint c "
-            "JOIN unnest(%s::text[], %s::text[]) AS l(t, i) "
-            "  ON c.aggregate_type = l.t AND c.aggregate_id = l.i "
-            "WHERE c.consumer = %s ORDER BY c.aggregate_type, c.aggregate_id FOR UPDATE OF c",
-            [types, ids, consumer],
-        )
-        found = {(t, i): (pk, version, parked) for pk, t, i, version, parked in cursor.fetchall()}
+        cursor.execute(sql + _LOCK_LANES_SQL, [*params, types, ids, consumer, consumer, consumer])
+        for kind, pk, aggregate_type, aggregate_id, version, parked in cursor.fetchall():
+            if kind == "p":
+                raise ConsumerPaused(f"consumer {consumer} is paused")
+            found[(aggregate_type, aggregate_id)] = (pk, version, parked)
+            if kind == "c":
+                created.add((aggregate_type, aggregate_id))
+        late = [lane for lane in lanes if lane.key not in found]
+        if late:
+            cursor.execute(
+                _LOCK_LATE_LANES_SQL,
+                [
+                    [lane.aggregate_type for lane in late],
+                    [lane.aggregate_id for lane in late],
+                    consumer,
+                ],
+            )
+            for pk, aggregate_type, aggregate_id, version, parked in cursor.fetchall():
+                found[(aggregate_type, aggregate_id)] = (pk, version, parked)
     for lane in lanes:
         lane.checkpoint_id, lane.checkpoint_version, lane.parked = found[lane.key]
         lane.created = lane.key in created
@@ -601,8 +631,7 @@ def _apply_lanes(
     longer than that fails the transaction (see process_batch).
     """
     outcome = BatchOutcome()
-    check_not_paused(spec.name, lock_timeout_ms=lock_timeout_ms)
-    lock_checkpoints(spec.name, lanes)
+    lock_checkpoints(spec.name, lanes, lock_timeout_ms=lock_timeout_ms)
     behind: list[Lane] = []
     for lane in lanes:
         lane.duplicates = lane.new_version = 0

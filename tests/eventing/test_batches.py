@@ -7,15 +7,16 @@ does not grow with its size."""
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from eventing.consumers import process_batch
-from eventing.models import Checkpoint, DeadLetter
+from eventing.consumers import ConsumerPaused, Lane, lock_checkpoints, process_batch
+from eventing.models import Checkpoint, ConsumerState, DeadLetter
 from orders.events import OrderCancelled, OrderConfirmed, OrderPlaced
 from orders.models import OrderSummary
 
@@ -135,3 +136,82 @@ def test_a_poison_lane_in_a_batch_is_dead_lettered_alone(live: Worker) -> None:
         lane = Checkpoint.objects.get(consumer="orders", aggregate_id=order_id)
         assert (lane.version, lane.parked, lane.duplicates) == (3, False, 0)
     assert DeadLetter.objects.count() == 1
+
+
+def test_a_paused_consumer_applies_nothing_and_creates_no_checkpoint(db: None) -> None:
+    envelopes = _placed(2)
+    ConsumerState.objects.create(consumer="orders", paused=True)
+    with pytest.raises(ConsumerPaused, match="orders is paused"):
+        process_batch("orders", envelopes)
+    ids = [e["aggregateid"] for e in envelopes]
+    assert not OrderSummary.objects.filter(order_id__in=ids).exists()
+    assert not Checkpoint.objects.filter(consumer="orders", aggregate_id__in=ids).exists()
+
+
+def test_a_lane_created_by_another_batch_meanwhile_is_locked_not_lost(
+    transactional_db: None,
+) -> None:
+    """Another transaction inserts the lane's checkpoint and holds it
+    uncommitted: this batch's insert waits for it, then does nothing, and the
+    row (committed after this statement's snapshot) must still be found and
+    locked."""
+    lane_id = str(uuid.uuid4())
+    inserted, release = threading.Event(), threading.Event()
+    found: list[Lane] = []
+    errors: list[BaseException] = []
+
+    def other_batch() -> None:
+        try:
+            with transaction.atomic():
+                Checkpoint.objects.create(
+                    consumer="orders",
+                    aggregate_type="orders.Order",
+                    aggregate_id=lane_id,
+                    version=3,
+                )
+                inserted.set()
+                release.wait(30)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    def this_batch() -> None:
+        try:
+            lane = Lane("orders.Order", lane_id, [])
+            with transaction.atomic():
+                lock_checkpoints("orders", [lane])
+            found.append(lane)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    other = threading.Thread(target=other_batch)
+    other.start()
+    assert inserted.wait(30)
+    this = threading.Thread(target=this_batch)
+    this.start()
+    try:
+        wait_for(
+            lambda: _waiting_on_a_lock("eventing_checkpoint"),
+            what="this batch's insert to wait for the other's",
+        )
+    finally:
+        release.set()
+        other.join(30)
+        this.join(30)
+    assert not errors, errors
+    [lane] = found
+    assert (lane.checkpoint_version, lane.created) == (3, False)
+    assert lane.checkpoint_id == Checkpoint.objects.get(aggregate_id=lane_id).pk
+
+
+def _waiting_on_a_lock(table: str) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE %s",
+            [f"%{table}%"],
+        )
+        return cursor.fetchone()[0] > 0

@@ -53,7 +53,7 @@ TERMINATIONS = 4
 BUG_REASON = (
     "eventing/consumers.py consumer_task.handle_event catches ConsumerPaused, PermanentFailure "
     "and HandlerFailed only: a DatabaseError raised in process_message outside a handler "
-    "(check_not_paused, lock_checkpoint, the store read, checkpoint.save, COMMIT) escapes, "
+    "(the consumer lock and checkpoints, the store read, checkpoint.save, COMMIT) escapes, "
     "Celery acks the failed task (acks_late, task_acks_on_failure_or_timeout) and the event "
     "is never applied by that consumer unless a later event of the stream catches the lane "
     "up. Fix: catch django.db.Error (OperationalError/InterfaceError) there, close the broken "
@@ -116,7 +116,7 @@ def test_connection_lost_before_the_handlers_does_not_lose_the_event(
 ) -> None:
     """Deterministic: the test holds the notifications consumer's lock (as a
     replay would, without pausing it), so the consumer task for OrderConfirmed
-    blocks in `check_not_paused`; the test terminates exactly that backend,
+    blocks taking that lock (`lock_checkpoints`); the test terminates exactly that backend,
     then lets go. The message must be retried and the notification recorded."""
     mark = LogMark(live.log_path)
     key = consumer_lock_key("notifications")
