@@ -58,6 +58,15 @@ def unit_of_work(*, lock: bool = True) -> Iterator[UnitOfWork]:
         _current.reset(token)
 
 
+# Advisory locks on (label, key) pairs, in hash order: two batches wanting
+# the same keys queue instead of deadlocking.
+_LOCK_KEYS_SQL = (
+    "SELECT pg_advisory_xact_lock(k) FROM ("
+    "  SELECT DISTINCT hashtextextended(%s || ':' || key, 0) AS k"
+    "  FROM unnest(%s::text[]) AS key ORDER BY 1) AS wanted"
+)
+
+
 class BatchedRows:
     """The rows of one read model, keyed by the field holding an aggregate id."""
 
@@ -79,9 +88,15 @@ class BatchedRows:
             return
         for key in wanted:
             uow.rows[(self.label, key)] = None
+        keys = sorted(wanted)
         if uow.lock:
-            self.lock_keys(wanted)
-        for row in self.model._default_manager.raw(self._select_sql(), [sorted(wanted)]):
+            # The keys' locks, then the rows, in one round trip: two
+            # statements, so the SELECT's snapshot is taken once the locks
+            # are held and sees what their previous holders committed.
+            sql, params = f"{_LOCK_KEYS_SQL};\n{self._select_sql()}", [self.label, keys, keys]
+        else:
+            sql, params = self._select_sql(), [keys]
+        for row in self.model._default_manager.raw(sql, params):
             uow.rows[(self.label, str(getattr(row, self.key_field)))] = row
 
     def _select_sql(self) -> str:
@@ -100,12 +115,7 @@ class BatchedRows:
         two batches creating the same row would each write their own version.
         In hash order, so two batches wanting the same keys queue, not deadlock."""
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(k) FROM ("
-                "  SELECT DISTINCT hashtextextended(%s || ':' || key, 0) AS k"
-                "  FROM unnest(%s::text[]) AS key ORDER BY 1) AS wanted",
-                [self.label, sorted(keys)],
-            )
+            cursor.execute(_LOCK_KEYS_SQL, [self.label, sorted(keys)])
 
     def get(self, key: Any) -> Any | None:
         uow = _current.get()
