@@ -43,19 +43,14 @@ def level_received(event: StockReceived, meta: EventMeta) -> None:
 
 @subscribe(StockReserved, projection=STOCK_LEVELS)
 def level_reserved(event: StockReserved, meta: EventMeta) -> None:
-    for line in event.lines:
-        read_models.level_adjust(sku=line["sku"], reserved=line["quantity"])
+    read_models.levels_adjust(event.lines, reserved=1)
 
 
 @subscribe(StockReleased, projection=STOCK_LEVELS)
 def level_released(event: StockReleased, meta: EventMeta) -> None:
-    for line in event.lines:
-        read_models.level_adjust(sku=line["sku"], reserved=-line["quantity"])
+    read_models.levels_adjust(event.lines, reserved=-1)
 
 
 @subscribe(StockCommitted, projection=STOCK_LEVELS)
 def level_committed(event: StockCommitted, meta: EventMeta) -> None:
-    for line in event.lines:
-        read_models.level_adjust(
-            sku=line["sku"], on_hand=-line["quantity"], reserved=-line["quantity"]
-        )
+    read_models.levels_adjust(event.lines, on_hand=-1, reserved=-1)

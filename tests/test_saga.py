@@ -13,6 +13,7 @@ from inventory.models import StockItem, StockLevel
 from notifications.models import Notification
 from notifications.tasks import send_notification
 from orders.models import CatalogItem, Order, OrderSummary
+from orders.services import order_cancel, order_place
 
 from .factories import UserFactory, api_client_for, stock_item
 from .support import Worker, wait_for
@@ -116,3 +117,45 @@ def test_notification_sent_once_per_order_event_even_when_redelivered(
     )
     apps = {entry["type"].split(".")[0] for entry in timeline}
     assert apps == {"orders", "inventory", "notifications"}
+
+
+def test_a_multi_line_order_moves_every_item_and_level_and_back(live: Worker) -> None:
+    """Three SKUs in one order, one of them crossing its low-stock threshold
+    (its change carries a StockLow event, the others' do not): every item and
+    every level moves by its own quantity, and cancelling moves them back."""
+    stock_item("SKU-A", on_hand=10)
+    stock_item("SKU-B", on_hand=10, threshold=8)
+    stock_item("SKU-C", on_hand=10)
+    wait_for(lambda: CatalogItem.objects.count() == 3, what="catalog")
+    customer = UserFactory()
+    lines = [
+        {"sku": "SKU-A", "quantity": 2},
+        {"sku": "SKU-B", "quantity": 3},
+        {"sku": "SKU-C", "quantity": 1},
+    ]
+    order = order_place(customer_id=customer.pk, lines=lines)
+    wait_for(
+        lambda: Order.objects.filter(pk=order.pk, status="CONFIRMED").exists(),
+        what="the order to be confirmed",
+    )
+    expected = {"SKU-A": (10, 2), "SKU-B": (10, 3), "SKU-C": (10, 1)}
+    assert {i.sku: (i.on_hand, i.reserved) for i in StockItem.objects.all()} == expected
+    wait_for(
+        lambda: {lv.sku: (lv.on_hand, lv.reserved) for lv in StockLevel.objects.all()} == expected,
+        what="the stock levels to show the reservation",
+    )
+    low = StoredEvent.objects.filter(event_type="inventory.StockLow").values_list(
+        "aggregate_id", "payload"
+    )
+    assert [(sku, payload["available"]) for sku, payload in low] == [("SKU-B", 7)]
+
+    order_cancel(order_id=order.pk, reason="changed my mind")
+    released = {"SKU-A": (10, 0), "SKU-B": (10, 0), "SKU-C": (10, 0)}
+    wait_for(
+        lambda: {i.sku: (i.on_hand, i.reserved) for i in StockItem.objects.all()} == released,
+        what="the items to be released",
+    )
+    wait_for(
+        lambda: {lv.sku: (lv.on_hand, lv.reserved) for lv in StockLevel.objects.all()} == released,
+        what="the stock levels to show the release",
+    )
