@@ -29,27 +29,53 @@ def notification_record(
 ) -> Notification:
     """Record the notification (idempotent per source event) and send it
     after the handler's transaction commits; replay records without sending."""
-    notification, created = Notification.objects.get_or_create(
+    notification = Notification(
         source_event_id=uuid.UUID(meta.event_id),
-        defaults={
-            "customer_id": customer_id,
-            "kind": kind,
-            "subject": subject,
-            "body": body,
-            "order_id": order_id,
-            "aggregate_id": meta.aggregate_id,
-            # The event's time, not now(): a replay rebuilds the same row.
-            "created_at": meta.time,
-            # Replay rebuilds the inbox but never sends: what it records
-            # counts as delivered by the live path.
-            "sent_at": meta.time if meta.replaying else None,
-        },
+        customer_id=customer_id,
+        kind=kind,
+        subject=subject,
+        body=body,
+        order_id=order_id,
+        aggregate_id=meta.aggregate_id,
+        # The event's time, not now(): a replay rebuilds the same row.
+        created_at=meta.time,
+        # Replay rebuilds the inbox but never sends: what it records counts
+        # as delivered by the live path.
+        sent_at=meta.time if meta.replaying else None,
     )
-    if created:
-        from .tasks import send_notification
+    if not _insert_unless_recorded(notification):
+        return Notification.objects.get(source_event_id=notification.source_event_id)
+    from .tasks import send_notification
 
-        after_commit(lambda: send_notification.delay(notification.pk))
+    after_commit(lambda: send_notification.delay(notification.pk))
     return notification
+
+
+_INSERT_FIELDS = [f for f in Notification._meta.concrete_fields if not f.primary_key]
+_INSERT_SQL = (
+    f"INSERT INTO {Notification._meta.db_table} "  # noqa: S608 - names from the model
+    f"({', '.join(connection.ops.quote_name(f.column) for f in _INSERT_FIELDS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_INSERT_FIELDS))}) "
+    "ON CONFLICT (source_event_id) DO NOTHING RETURNING id"
+)
+
+
+def _insert_unless_recorded(notification: Notification) -> bool:
+    """Insert the row unless its source event already has one; returns
+    whether it did. One round trip, where get_or_create takes four (a
+    SELECT, then a savepoint around the INSERT): the checkpoint already
+    skips redelivered events, so the row is nearly always new."""
+    values = [
+        f.get_db_prep_save(f.pre_save(notification, add=True), connection) for f in _INSERT_FIELDS
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_INSERT_SQL, values)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    notification.pk = row[0]
+    notification._state.adding = False
+    return True
 
 
 def notification_send(*, notification_id: int) -> bool:

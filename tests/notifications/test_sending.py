@@ -91,3 +91,28 @@ def test_a_failed_send_is_recorded_retried_and_sent_once(
     notified = StoredEvent.objects.get(event_type="notifications.CustomerNotified")
     assert (notified.aggregate_id, notified.payload["kind"]) == (order_id, "order_confirmed")
     assert services.notifications_unsent(older_than_seconds=30) == []
+
+
+def test_recording_the_same_event_twice_keeps_one_row_and_sends_once(
+    db: None, django_capture_on_commit_callbacks: Any
+) -> None:
+    order_id = str(uuid.uuid4())
+    customer = UserFactory()
+    meta = _meta(order_id)
+    record = {
+        "meta": meta,
+        "kind": "order_confirmed",
+        "customer_id": customer.pk,
+        "subject": "Your order is confirmed",
+        "order_id": order_id,
+    }
+    with django_capture_on_commit_callbacks() as first_callbacks:
+        first = services.notification_record(**record, body="first")
+    with django_capture_on_commit_callbacks() as second_callbacks:
+        second = services.notification_record(**record, body="second")
+
+    assert second.pk == first.pk
+    [row] = Notification.objects.filter(source_event_id=meta.event_id)
+    assert (row.pk, row.body, row.created_at, row.sent_at) == (first.pk, "first", meta.time, None)
+    assert row.recorded_at is not None
+    assert (len(first_callbacks), len(second_callbacks)) == (1, 0)
