@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+import orjson
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -324,7 +324,8 @@ def _read_chunks(events: QuerySet[StoredEvent], batch_size: int) -> Iterator[lis
         while rows := cursor.fetchmany(batch_size):
             if isinstance(rows[0][payload], str):
                 yield [
-                    EventRow(*v[:payload], json.loads(v[payload]), *v[payload + 1 :]) for v in rows
+                    EventRow(*v[:payload], orjson.loads(v[payload]), *v[payload + 1 :])
+                    for v in rows
                 ]
             else:
                 yield [EventRow._make(values) for values in rows]
