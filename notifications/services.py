@@ -7,7 +7,7 @@ import uuid
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mail
 from django.db import connection, transaction
-from django.db.models import F, Max
+from django.db.models import F
 from django.utils import timezone
 
 from eventing import context, store
@@ -110,25 +110,43 @@ def notification_send_failed(*, notification_id: int, error: str) -> None:
     )
 
 
+# The order's notification stream locked, then its head version and the
+# source event's correlation id and chain depth (NULL if it is not stored).
+_LOCK_STREAM_SQL = f"""
+SELECT pg_advisory_xact_lock(hashtext(%s));
+SELECT
+    COALESCE((SELECT max(version) FROM {StoredEvent._meta.db_table}
+              WHERE aggregate_type = %s AND aggregate_id = %s), 0),
+    source.correlation_id,
+    source.chain_depth
+FROM (SELECT 1) AS one
+LEFT JOIN {StoredEvent._meta.db_table} AS source ON source.event_id = %s
+"""  # noqa: S608 - the table name comes from the model
+
+
 def _append_customer_notified(notification: Notification) -> None:
     """Caller holds the transaction. The order's notification stream has one
     writer at a time: an advisory lock on the order id serialises them, so the
     head read here is the version the append expects."""
     order_id = str(notification.order_id)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"notify:{order_id}"])
-    head = (
-        StoredEvent.objects.filter(
-            aggregate_type=events.ORDER_NOTIFICATIONS, aggregate_id=order_id
-        ).aggregate(head=Max("version"))["head"]
-        or 0
-    )
-    source = StoredEvent.objects.filter(event_id=notification.source_event_id).first()
+        # One round trip, two statements: the head is read in a snapshot
+        # taken once the lock is held, so it sees the previous holder's append.
+        cursor.execute(
+            _LOCK_STREAM_SQL,
+            [
+                f"notify:{order_id}",
+                events.ORDER_NOTIFICATIONS,
+                order_id,
+                notification.source_event_id,
+            ],
+        )
+        head, correlation_id, source_depth = cursor.fetchone()
     with context.scope(
-        correlation_id=source.correlation_id if source else None,
+        correlation_id=correlation_id,
         causation_id=str(notification.source_event_id),
         actor="notifications",
-        chain_depth=(source.chain_depth + 1) if source else 0,
+        chain_depth=source_depth + 1 if source_depth is not None else 0,
     ):
         store.append(
             aggregate_type=events.ORDER_NOTIFICATIONS,
