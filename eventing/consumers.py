@@ -137,10 +137,18 @@ class Projection:
         return [rm.rows for rm in self.read_models if rm.rows is not None]
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchPreparer:
+    event_names: frozenset[str]
+    func: Callable[[list[DomainEvent]], None]
+
+
 @dataclasses.dataclass
 class ConsumerSpec:
     name: str
     handlers: dict[str, list[HandlerSpec]] = dataclasses.field(default_factory=dict)
+    # Run once per live batch before its handlers (see `before_batch`).
+    preparers: list[BatchPreparer] = dataclasses.field(default_factory=list)
 
     @property
     def queue_name(self) -> str:
@@ -251,6 +259,51 @@ def subscribe(
         return func
 
     return decorator
+
+
+def before_batch(
+    *event_classes: type[DomainEvent], consumer: str | None = None
+) -> Callable[[Callable[[list[Any]], None]], Callable[[list[Any]], None]]:
+    """Register `func(events)`, run once per live batch, in its transaction,
+    before any handler, with the batch's events of these types (decoded, in
+    store order; none, it is not called).
+
+    For what one query can do for the whole batch that the handlers would do
+    event by event: typically, locking in one consistent order the rows the
+    handlers will lock. Without it, two batches that lock the same rows in
+    different orders wait on each other until the batch lock timeout, and
+    both fall back to lane-by-lane transactions. Replay does not run it.
+    """
+
+    def decorator(func: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+        name = consumer
+        if name is None:
+            app_config = apps.get_containing_app_config(func.__module__)
+            if app_config is None:
+                raise LookupError(f"{func.__module__} is in no installed app; pass consumer=")
+            name = app_config.label
+        registry.declare(name).preparers.append(
+            BatchPreparer(frozenset(cls.name for cls in event_classes), func)
+        )
+        return func
+
+    return decorator
+
+
+def _prepare_batch(spec: ConsumerSpec, rows: Sequence[StoredEvent]) -> None:
+    for preparer in spec.preparers:
+        events = []
+        for row in rows:
+            if row.event_type not in preparer.event_names:
+                continue
+            try:
+                events.append(
+                    event_registry.decode(row.event_type, row.schema_version, row.payload)
+                )
+            except (UnknownEventType, UnknownEventVersion, ValueError, TypeError):
+                continue  # its handler fails it, with the reason, in order
+        if events:
+            preparer.func(events)
 
 
 def after_commit(func: Callable[[], None]) -> None:
@@ -689,6 +742,8 @@ def _apply_lanes(
         to_apply.extend(lane_rows)
     # Global store order across lanes; per lane that is version order.
     to_apply.sort(key=lambda row: row.position)
+    if to_apply and spec.preparers:
+        _prepare_batch(spec, to_apply)
     batched = spec.batched_rows_by_type()
     with unit_of_work() as uow:
         prefetch_rows(batched, to_apply)

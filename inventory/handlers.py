@@ -3,7 +3,7 @@ the stock-level projection follows inventory's own events."""
 
 from __future__ import annotations
 
-from eventing.consumers import EventMeta, subscribe
+from eventing.consumers import EventMeta, before_batch, subscribe
 from orders.events import OrderCancelled, OrderPlaced, OrderShipped
 
 from . import read_models, services
@@ -11,6 +11,16 @@ from .events import StockCommitted, StockItemAdded, StockReceived, StockReleased
 from .read_models import STOCK_LEVELS
 
 # -- policies ---------------------------------------------------------------------
+
+
+@before_batch(OrderPlaced, OrderCancelled, OrderShipped)
+def lock_stock(events: list[OrderPlaced | OrderCancelled | OrderShipped]) -> None:
+    """The policies below lock stock items order by order; a batch takes
+    them all first, in sku order, so that two batches never deadlock."""
+    services.stock_lock(
+        skus=[line["sku"] for e in events if isinstance(e, OrderPlaced) for line in e.lines],
+        reserved_for=[e.order_id for e in events if not isinstance(e, OrderPlaced)],
+    )
 
 
 @subscribe(OrderPlaced)

@@ -118,6 +118,31 @@ def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
     return reservation
 
 
+_LOCK_STOCK_SQL = f"""
+SELECT sku FROM {StockItem._meta.db_table}
+WHERE sku = ANY(%s::text[])
+   OR sku IN (
+       SELECT line ->> 'sku'
+       FROM {Reservation._meta.db_table} AS reservation,
+            jsonb_array_elements(reservation.lines) AS line
+       WHERE reservation.order_id = ANY(%s::uuid[]))
+ORDER BY sku
+FOR UPDATE
+"""  # noqa: S608 - the table names come from the models
+
+
+def stock_lock(*, skus: list[str], reserved_for: list[str]) -> None:
+    """Caller holds a transaction. Lock, in sku order, the items of `skus` and
+    of the reservations of the orders `reserved_for`: the items a batch of
+    reservations, releases and commits will lock order by order. Taken
+    first and in one order, two batches queue for them instead of each
+    holding some the other waits for."""
+    if not skus and not reserved_for:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_STOCK_SQL, [sorted(set(skus)), sorted(set(reserved_for))])
+
+
 def _settle_reservation(*, order_id: str, commit: bool) -> Reservation | None:
     """Release (cancel) or commit (ship) a reservation; a no-op when there is
     nothing reserved, e.g. the order was rejected or already released."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -215,3 +216,72 @@ def _waiting_on_a_lock(table: str) -> bool:
             [f"%{table}%"],
         )
         return cursor.fetchone()[0] > 0
+
+
+def test_two_inventory_batches_locking_the_same_items_queue_instead_of_deadlocking(
+    transactional_db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch A reserves S1 then S2, batch B S2 then S1, each pausing after
+    every order: taking the items order by order, each would hold one the
+    other waits for, until the lock timeout (or the handler's failure) sent
+    one of them lane by lane, reserving its orders twice. The batch
+    locks all its items first, in sku order, so B waits for A and both apply
+    in one transaction each."""
+    from inventory import services as inventory_services
+    from inventory.models import Reservation
+
+    from ..factories import stock_item
+
+    for sku in ("S1", "S2"):
+        stock_item(sku, on_hand=10)
+    reserve = inventory_services.reserve_for_order
+    calls: list[str] = []
+
+    def slow_reserve(**kwargs: Any) -> Any:
+        calls.append(kwargs["order_id"])
+        reservation = reserve(**kwargs)
+        time.sleep(0.03)
+        return reservation
+
+    monkeypatch.setattr(inventory_services, "reserve_for_order", slow_reserve)
+
+    def placed(sku: str) -> dict[str, Any]:
+        order_id = str(uuid.uuid4())
+        [row] = _append_unpublished(
+            order_id,
+            [
+                OrderPlaced(
+                    order_id=order_id,
+                    customer_id=7,
+                    lines=[{"sku": sku, "quantity": 1, "unit_price": "2.00"}],
+                    total="2.00",
+                    currency="EUR",
+                )
+            ],
+        )
+        return row.envelope()
+
+    # Each batch applies its orders in store order.
+    batches = {"A": [placed("S1"), placed("S2")], "B": [placed("S2"), placed("S1")]}
+    outcomes: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            outcomes[name] = process_batch("inventory", batches[name])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert not errors, errors
+    assert {name: o.applied for name, o in outcomes.items()} == {"A": 2, "B": 2}
+    # Once each: no batch was rolled back and its lanes retried one by one.
+    assert sorted(calls) == sorted(e["aggregateid"] for batch in batches.values() for e in batch)
+    assert Reservation.objects.filter(status="RESERVED").count() == 4
