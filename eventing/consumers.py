@@ -291,8 +291,13 @@ def before_batch(
 
 
 def _prepare_batch(spec: ConsumerSpec, rows: Sequence[StoredEvent]) -> None:
+    """Run the consumer's `before_batch` functions. One that fails fails like
+    a handler, on the first of its events: the batch is rolled back and
+    applied lane by lane, where only the lane whose events make it fail is
+    retried or dead-lettered. A lock timeout stays an OperationalError, which
+    sends the batch lane by lane too."""
     for preparer in spec.preparers:
-        events = []
+        events, sources = [], []
         for row in rows:
             if row.event_type not in preparer.event_names:
                 continue
@@ -302,8 +307,15 @@ def _prepare_batch(spec: ConsumerSpec, rows: Sequence[StoredEvent]) -> None:
                 )
             except (UnknownEventType, UnknownEventVersion, ValueError, TypeError):
                 continue  # its handler fails it, with the reason, in order
-        if events:
+            sources.append(row)
+        if not events:
+            continue
+        try:
             preparer.func(events)
+        except OperationalError:
+            raise
+        except Exception as exc:
+            raise HandlerFailed(sources[0], exc) from exc
 
 
 def after_commit(func: Callable[[], None]) -> None:
@@ -481,7 +493,8 @@ def lock_checkpoint(consumer: str, aggregate_type: str, aggregate_id: str) -> Ch
 # the lanes' checkpoints, created where missing ('c') or locked FOR UPDATE
 # ('e'), and a 'p' row if a replay has paused the consumer. Both the insert
 # and the lock go in (aggregate_type, aggregate_id) order, so two batches
-# that share lanes wait for each other (or past the timeout step aside).
+# that share lanes wait for each other (or past the timeout step aside); a
+# lane created by another batch meanwhile is the exception (see below).
 _LOCK_CONSUMER_SQL = "SELECT pg_advisory_xact_lock_shared(%s);\n"
 _LOCK_CONSUMER_WITH_TIMEOUT_SQL = (
     "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock_shared(%s);\n"
@@ -510,9 +523,9 @@ UNION ALL
 SELECT 'p', NULL, NULL, NULL, NULL, true FROM eventing_consumerstate
 WHERE consumer = %s AND paused
 """
-# A lane another transaction created after this statement's snapshot was
+# A lane another transaction created after the statement's snapshot was
 # taken (its insert then waited for that one to commit, and did nothing):
-# a statement of its own sees the row.
+# a statement of its own sees the row. Rare, and taken out of key order.
 _LOCK_LATE_LANES_SQL = """
 SELECT c.id, c.aggregate_type, c.aggregate_id, c.version, c.parked
 FROM eventing_checkpoint c
@@ -549,8 +562,12 @@ def lock_checkpoints(consumer: str, lanes: list[Lane], *, lock_timeout_ms: int =
                 created.add((aggregate_type, aggregate_id))
         late = [lane for lane in lanes if lane.key not in found]
         if late:
+            # Out of key order: with other lanes already locked, waiting here
+            # could deadlock with a batch that holds this lane and waits for
+            # one of ours. NOWAIT fails instead (an OperationalError: the
+            # batch goes lane by lane, or a single lane is retried).
             cursor.execute(
-                _LOCK_LATE_LANES_SQL,
+                _LOCK_LATE_LANES_SQL + (" NOWAIT" if found else ""),
                 [
                     [lane.aggregate_type for lane in late],
                     [lane.aggregate_id for lane in late],

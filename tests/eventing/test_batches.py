@@ -16,7 +16,14 @@ import pytest
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from eventing.consumers import ConsumerPaused, Lane, lock_checkpoints, process_batch
+from eventing.consumers import (
+    BatchPreparer,
+    ConsumerPaused,
+    Lane,
+    lock_checkpoints,
+    process_batch,
+    registry,
+)
 from eventing.models import Checkpoint, ConsumerState, DeadLetter
 from orders.events import OrderCancelled, OrderConfirmed, OrderPlaced
 from orders.models import OrderSummary
@@ -285,3 +292,29 @@ def test_two_inventory_batches_locking_the_same_items_queue_instead_of_deadlocki
     # Once each: no batch was rolled back and its lanes retried one by one.
     assert sorted(calls) == sorted(e["aggregateid"] for batch in batches.values() for e in batch)
     assert Reservation.objects.filter(status="RESERVED").count() == 4
+
+
+def test_a_failing_before_batch_step_fails_only_its_lane(db: None) -> None:
+    """A `before_batch` function that raises fails like a handler: the batch
+    goes lane by lane, and only the lane whose events make it fail is
+    reported failed (to be retried or dead-lettered); the others apply."""
+    envelopes = _placed(3)
+    bad = envelopes[1]["aggregateid"]
+
+    def refuse(events: list[Any]) -> None:
+        if any(e.order_id == bad for e in events):
+            raise ValueError(f"order {bad} refused")
+
+    spec = registry.get("orders")
+    spec.preparers.append(BatchPreparer(frozenset({"orders.OrderPlaced"}), refuse))
+    try:
+        outcome = process_batch("orders", envelopes)
+    finally:
+        spec.preparers.pop()
+
+    assert outcome.applied == 2
+    [failure] = outcome.failed
+    assert [m["aggregateid"] for m in failure.messages] == [bad]
+    assert f"order {bad} refused" in str(failure.error)
+    applied = set(OrderSummary.objects.values_list("order_id", flat=True))
+    assert {str(i) for i in applied} == {e["aggregateid"] for e in envelopes} - {bad}
