@@ -3,6 +3,8 @@ the stock-level projection follows inventory's own events."""
 
 from __future__ import annotations
 
+import uuid
+
 from eventing.consumers import EventMeta, before_batch, subscribe
 from orders.events import OrderCancelled, OrderPlaced, OrderShipped
 
@@ -16,11 +18,30 @@ from .read_models import STOCK_LEVELS
 @before_batch(OrderPlaced, OrderCancelled, OrderShipped)
 def lock_stock(events: list[OrderPlaced | OrderCancelled | OrderShipped]) -> None:
     """The policies below lock stock items order by order; a batch takes
-    them all first, in sku order, so that two batches never deadlock."""
-    services.stock_lock(
-        skus=[line["sku"] for e in events if isinstance(e, OrderPlaced) for line in e.lines],
-        reserved_for=[e.order_id for e in events if not isinstance(e, OrderPlaced)],
-    )
+    them all first, in sku order, so that two batches queue instead of each
+    holding an item the other waits for. Malformed lines and ids are left out
+    here: the policy's handler fails their lane, with the reason."""
+    skus, settled = [], []
+    for e in events:
+        if isinstance(e, OrderPlaced):
+            skus += _skus(e.lines)
+        elif _is_uuid(e.order_id):
+            settled.append(e.order_id)
+    services.stock_lock(skus=skus, reserved_for=settled)
+
+
+def _skus(lines: object) -> list[str]:
+    if not isinstance(lines, list):
+        return []
+    return [ln["sku"] for ln in lines if isinstance(ln, dict) and isinstance(ln.get("sku"), str)]
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
 
 
 @subscribe(OrderPlaced)
@@ -39,6 +60,18 @@ def commit_stock(event: OrderShipped, meta: EventMeta) -> None:
 
 
 # -- projection: stock levels -----------------------------------------------------------
+
+
+@before_batch(StockReceived, StockReserved, StockReleased, StockCommitted)
+def lock_levels(
+    events: list[StockReceived | StockReserved | StockReleased | StockCommitted],
+) -> None:
+    """The level rows the projection below updates event by event, locked
+    first and in sku order, for the same reason as `lock_stock`."""
+    skus = []
+    for e in events:
+        skus += [e.sku] if isinstance(e, StockReceived) else _skus(e.lines)
+    read_models.levels_lock(skus)
 
 
 @subscribe(StockItemAdded, projection=STOCK_LEVELS)

@@ -51,3 +51,15 @@ def levels_adjust(lines: list[dict], *, on_hand: int = 0, reserved: int = 0) -> 
                 [reserved * int(line["quantity"]) for line in lines],
             ],
         )
+
+
+def levels_lock(skus: list[str]) -> None:
+    """Lock the levels of `skus`, in sku order (see handlers.lock_levels)."""
+    if not skus:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT sku FROM {StockLevel._meta.db_table} "  # noqa: S608 - from the model
+            "WHERE sku = ANY(%s::text[]) ORDER BY sku FOR UPDATE",
+            [sorted(set(skus))],
+        )
