@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -312,6 +314,19 @@ def _batched_rows_by_type(handlers: dict[str, list[HandlerEntry]]) -> dict[str, 
     return by_type
 
 
+# A run of 19 digits may be an integer beyond 64 bits, which orjson would
+# turn into a float where the live path (json.loads) keeps it exact.
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def _loads(text: str) -> Any:
+    """A payload as the live path parses it (json.loads), at orjson's speed
+    (a third of the time) whenever the two agree."""
+    if _LONG_NUMBER.search(text):
+        return json.loads(text)
+    return orjson.loads(text)
+
+
 def _read_chunks(events: QuerySet[StoredEvent], batch_size: int) -> Iterator[list[EventRow]]:
     """The events as `EventRow`s, `batch_size` at a time, through a server-side
     cursor. Raw rows, not `values_list()`: the ORM's per-value converters cost
@@ -323,10 +338,7 @@ def _read_chunks(events: QuerySet[StoredEvent], batch_size: int) -> Iterator[lis
         cursor.execute(sql, params)
         while rows := cursor.fetchmany(batch_size):
             if isinstance(rows[0][payload], str):
-                yield [
-                    EventRow(*v[:payload], orjson.loads(v[payload]), *v[payload + 1 :])
-                    for v in rows
-                ]
+                yield [EventRow(*v[:payload], _loads(v[payload]), *v[payload + 1 :]) for v in rows]
             else:
                 yield [EventRow._make(values) for values in rows]
 

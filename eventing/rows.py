@@ -187,10 +187,23 @@ def _encoder_for(field: models.Field) -> Callable[[Any], Any] | None:
     return None
 
 
+# What json.dumps(..., default=str) did, where orjson differs: datetimes
+# and dataclasses go to `default` (str) instead of orjson's own encoding.
+_ORJSON_OPTIONS = (
+    orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
 def _dumps(records: list[dict[str, Any]]) -> str:
-    # orjson: a chunk's document is dumped in a fifth of json.dumps' time.
-    # Values it has no encoding for (Decimal) go out as str, as before.
-    return orjson.dumps(records, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    """The chunk's rows as one JSON document: orjson, in a fifth of
+    json.dumps' time, with json.dumps for what orjson refuses (integers
+    beyond 64 bits). Values neither encodes (Decimal) go out as str. One
+    difference is left: a NaN becomes null, which PostgreSQL would have
+    refused."""
+    try:
+        return orjson.dumps(records, default=str, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(records, default=str)
 
 
 def _isoformat(value: Any) -> Any:
