@@ -74,9 +74,9 @@ def one_run(
         baseline = round_trips(20)  # warm-up, discarded
         baseline = round_trips(baseline_tasks)
         watcher = SummaryWatcher()
-        watcher.start()
         spy = PySpy(f"b_latency_{int(rate)}", worker.pids()[1:], seconds=seconds)
         try:
+            watcher.start()
             placed, took = place_steadily(
                 customer, rate, seconds, watcher, seed=seed, threads=threads
             )

@@ -30,7 +30,10 @@ DROP TRIGGER IF EXISTS bench_summary_notify ON orders_ordersummary;
 CREATE TRIGGER bench_summary_notify AFTER INSERT ON orders_ordersummary
     FOR EACH ROW EXECUTE FUNCTION bench_summary_notify();
 """
-_REMOVE_TRIGGER_SQL = "DROP TRIGGER IF EXISTS bench_summary_notify ON orders_ordersummary"
+_REMOVE_TRIGGER_SQL = (
+    "DROP TRIGGER IF EXISTS bench_summary_notify ON orders_ordersummary;"
+    "DROP FUNCTION IF EXISTS bench_summary_notify()"
+)
 
 
 class SummaryWatcher(threading.Thread):
@@ -112,8 +115,10 @@ class SummaryWatcher(threading.Thread):
             return len(self.pending)
 
     def stop(self) -> None:
+        """Stop listening and remove the trigger (also after a failed start)."""
         self.stopping.set()
-        self.join(timeout=10)
+        if self.is_alive():
+            self.join(timeout=10)
         with connection.cursor() as cursor:
             cursor.execute(_REMOVE_TRIGGER_SQL)
 
