@@ -225,6 +225,16 @@ class ConsumerRegistry:
 registry = ConsumerRegistry()
 
 
+def _consumer_of(func: Callable[..., Any], consumer: str | None) -> str:
+    """`consumer`, or else the label of the app that defines `func`."""
+    if consumer is not None:
+        return consumer
+    app_config = apps.get_containing_app_config(func.__module__)
+    if app_config is None:
+        raise LookupError(f"{func.__module__} is in no installed app; pass consumer=")
+    return app_config.label
+
+
 def subscribe(
     event_cls: type[DomainEvent] | str,
     *,
@@ -239,12 +249,7 @@ def subscribe(
     """
 
     def decorator(func: Handler) -> Handler:
-        name = consumer
-        if name is None:
-            app_config = apps.get_containing_app_config(func.__module__)
-            if app_config is None:
-                raise LookupError(f"{func.__module__} is in no installed app; pass consumer=")
-            name = app_config.label
+        name = _consumer_of(func, consumer)
         event_name = event_cls if isinstance(event_cls, str) else event_cls.name
         if event_name not in event_registry:
             registry.unknown_subscriptions.append(
@@ -276,12 +281,7 @@ def before_batch(
     """
 
     def decorator(func: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
-        name = consumer
-        if name is None:
-            app_config = apps.get_containing_app_config(func.__module__)
-            if app_config is None:
-                raise LookupError(f"{func.__module__} is in no installed app; pass consumer=")
-            name = app_config.label
+        name = _consumer_of(func, consumer)
         registry.declare(name).preparers.append(
             BatchPreparer(frozenset(cls.name for cls in event_classes), func)
         )
