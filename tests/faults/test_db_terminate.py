@@ -63,15 +63,20 @@ BUG_REASON = (
 )
 
 
-def terminate_backends(*, only_waiting_on: str = "") -> int:
-    """pg_terminate_backend every other backend of the test database (or only
-    those whose current query contains `only_waiting_on`)."""
+def terminate_backends(*, only_blocked_by_us: bool = False) -> int:
+    """pg_terminate_backend every other backend of the test database, or only
+    those waiting for a lock this test's connection holds.
+
+    The filter is on who blocks whom (`pg_blocking_pids`), not on the text of
+    the query: `pg_stat_activity.query` keeps an idle backend's last query, and
+    every consumer's lock statement reads alike, so matching the text could
+    also hit an orders or inventory worker that had just taken its own lock."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND (%s = '' OR strpos(query, %s) > 0)",
-            [only_waiting_on, only_waiting_on],
+            "AND (NOT %s OR pg_backend_pid() = ANY(pg_blocking_pids(pid)))",
+            [only_blocked_by_us],
         )
         (terminated,) = cursor.fetchone()
     return int(terminated)
@@ -129,7 +134,7 @@ def test_connection_lost_before_the_handlers_does_not_lose_the_event(
             what="the order to be confirmed (orders and inventory are not blocked)",
         )
         killed = wait_for(
-            lambda: terminate_backends(only_waiting_on="pg_advisory_xact_lock_shared"),
+            lambda: terminate_backends(only_blocked_by_us=True),
             timeout=20,
             what="the notifications task to wait on the consumer lock",
         )
