@@ -101,18 +101,26 @@ def test_concurrent_writers_one_wins_each_version(live: object) -> None:
     exactly one wins, the rest get ConcurrencyError, no gap, no duplicate.
 
     Committed rows reach the worker, so the test runs under `live`, which
-    lets the flow settle before the tables are flushed."""
+    lets the flow settle before the tables are flushed. The race is on a
+    shipment, after the saga has confirmed the order: racing on the
+    confirmation itself also raced the saga, which appends to the same stream
+    and, when it committed first, left all eight writers stale."""
     from orders.models import CatalogItem
 
-    CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
+    stock_item("SKU-1", on_hand=10)
+    wait_for(lambda: CatalogItem.objects.filter(sku="SKU-1").exists(), what="orders' catalog")
     order = order_place(customer_id=UserFactory().pk, lines=[{"sku": "SKU-1", "quantity": 1}])
+    wait_for(
+        lambda: Order.objects.filter(pk=order.pk, status="CONFIRMED").exists(),
+        what="the saga to confirm the order",
+    )
     barrier = threading.Barrier(8)
     outcomes: list[str] = []
 
     def writer() -> None:
         try:
             mine = Order.objects.get(pk=order.pk)
-            mine.confirm()
+            mine.ship()
             barrier.wait(timeout=10)
             mine.save()
             outcomes.append("won")
@@ -128,12 +136,13 @@ def test_concurrent_writers_one_wins_each_version(live: object) -> None:
         thread.join(timeout=30)
 
     assert sorted(outcomes) == ["conflict"] * 7 + ["won"]
-    versions = list(
-        StoredEvent.objects.filter(
-            aggregate_type="orders.Order", aggregate_id=str(order.pk)
-        ).values_list("version", flat=True)
+    events = list(
+        StoredEvent.objects.filter(aggregate_type="orders.Order", aggregate_id=str(order.pk))
+        .order_by("version")
+        .values_list("version", "event_type")
     )
-    assert versions == [1, 2]
+    assert [version for version, _ in events] == [1, 2, 3]
+    assert events[-1][1] == "orders.OrderShipped"
 
 
 @pytest.mark.parametrize(
