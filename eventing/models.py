@@ -28,12 +28,12 @@ class StoredEvent(models.Model):
     aggregate_type = models.CharField(max_length=100)
     aggregate_id = models.CharField(max_length=100)
     version = models.PositiveIntegerField()
-    event_type = models.CharField(max_length=150, db_index=True)
+    event_type = models.CharField(max_length=150)
     schema_version = models.PositiveSmallIntegerField()
     payload = models.JSONField()
     source = models.CharField(max_length=200)
     time = models.DateTimeField(default=timezone.now)
-    correlation_id = models.CharField(max_length=64, db_index=True)
+    correlation_id = models.CharField(max_length=64)
     causation_id = models.CharField(max_length=64, blank=True, default="")
     traceparent = models.CharField(max_length=64, blank=True, default="")
     actor = models.CharField(max_length=150, blank=True, default="")
@@ -45,7 +45,15 @@ class StoredEvent(models.Model):
                 fields=["aggregate_type", "aggregate_id", "version"], name="event_stream_version"
             )
         ]
-        indexes = [models.Index(fields=["aggregate_id"], name="event_aggregate_id")]
+        # Every index is written by every append. Lookups by type and by
+        # correlation are equality (or `= ANY`), so plain btrees: `db_index`
+        # on a CharField would add a second, `varchar_pattern_ops` index for
+        # LIKE that no query uses.
+        indexes = [
+            models.Index(fields=["aggregate_id"], name="event_aggregate_id"),
+            models.Index(fields=["event_type"], name="event_type"),
+            models.Index(fields=["correlation_id"], name="event_correlation"),
+        ]
         ordering = ["position"]
 
     def __str__(self) -> str:
@@ -90,7 +98,18 @@ class OutboxMessage(models.Model):
     """
 
     id = models.BigAutoField(primary_key=True)
-    event = models.ForeignKey(StoredEvent, on_delete=models.PROTECT, related_name="+")
+    # No foreign-key constraint and no index: the append inserts the row from
+    # the positions its own INSERT returned, and stored events are never
+    # deleted (a trigger refuses it), so the reference cannot dangle. The
+    # constraint's check ran at every commit (a query and a row lock on the
+    # stored event per outbox row), and nothing looks outbox rows up by event.
+    event = models.ForeignKey(
+        StoredEvent,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_constraint=False,
+        db_index=False,
+    )
     consumer = models.CharField(max_length=100, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
     available_at = models.DateTimeField(default=timezone.now)
