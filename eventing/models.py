@@ -316,14 +316,19 @@ class EventSourcedModel(models.Model):
         with context.atomic_step(savepoint=not self._state.adding):
             self.version = expected_version + len(pending)
             try:
-                super().save(*args, **kwargs)
                 if pending:
+                    # The row's write runs inside the append, which rides
+                    # along with it when it is an INSERT (one round trip).
                     store.append(
                         aggregate_type=self.aggregate_type,
                         aggregate_id=self.aggregate_id,
                         expected_version=expected_version,
                         events=pending,
+                        along_with=lambda: super(EventSourcedModel, self).save(*args, **kwargs),
+                        table=self._meta.db_table,
                     )
+                else:
+                    super().save(*args, **kwargs)
             except BaseException:
                 self.version = expected_version
                 raise

@@ -21,9 +21,10 @@ import uuid
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
+from psycopg2.errorcodes import LOCK_NOT_AVAILABLE
 
-from . import observe
+from . import observe, store
 from .consumers import registry as consumer_registry
 from .events import registry as event_registry
 from .publisher import ConfirmingPublisher, OutgoingMessage, PublishError
@@ -146,7 +147,33 @@ WHERE e.position = ANY(ARRAY(SELECT event_id FROM claimed))
 # skip - and never lost, because a row is deleted only after its confirm.
 # (A lost clear of the wake-up flag delays wake-ups until the next beat tick.)
 _NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off;"
-_CLEAR_WAKE_SQL = "UPDATE eventing_relaywake SET requested = false WHERE id = 1 AND requested;"
+# Every clear of the wake-up flag first takes the writers' barrier
+# (`store.WAKE_BARRIER_KEY`) exclusively: it waits for each writer that read
+# the flag set, and so sent no wake-up, to end its transaction, and the claim
+# that goes with the clear sees their rows. Writers only try the barrier, so
+# none waits on it; the timeout bounds the wait on a writer's transaction
+# that stays open long after its append.
+WAKE_BARRIER_TIMEOUT_MS = 50
+# Parameters: the lock timeout, the barrier's key (`_clear_wake_params`).
+_CLEAR_WAKE_SQL = (
+    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s);"
+    "SET LOCAL lock_timeout = 0;"
+    "UPDATE eventing_relaywake SET requested = false WHERE id = 1 AND requested;"
+)
+
+
+def _clear_wake_params() -> list[Any]:
+    return [f"{WAKE_BARRIER_TIMEOUT_MS}ms", store.WAKE_BARRIER_KEY]
+
+
+class WakeBarrierBusy(Exception):
+    """The wake-up flag was not cleared: a writer's transaction held the
+    barrier past WAKE_BARRIER_TIMEOUT_MS."""
+
+
+def _raise_if_barrier_busy(exc: OperationalError) -> None:
+    if getattr(exc.__cause__, "pgcode", None) == LOCK_NOT_AVAILABLE:
+        raise WakeBarrierBusy(str(exc)) from exc
 
 
 def _one_transaction(cursor: Any, sql: str, params: list[Any]) -> None:
@@ -155,20 +182,30 @@ def _one_transaction(cursor: Any, sql: str, params: list[Any]) -> None:
     Outside `atomic()` the statements of one query string form one implicit
     transaction on the server, where `atomic()` would add a BEGIN and a
     COMMIT round trip (each ~0.3 ms here, and the relay's claims and settles
-    are on every event's path). Inside `atomic()` (a test's transaction)
-    they simply join it."""
-    cursor.execute(sql, params)
+    are on every event's path); a failed statement rolls back all of them.
+    Inside `atomic()` (a test's transaction) they run in a savepoint, so a
+    failure leaves the caller's transaction usable, as it would be without."""
+    if connection.in_atomic_block:
+        with transaction.atomic():
+            cursor.execute(sql, params)
+    else:
+        cursor.execute(sql, params)
 
 
 def claim_batch(limit: int, lease_seconds: float, *, clear_wake: bool = False) -> list[ClaimedRow]:
     """Claim up to `limit` rows (lease them). With `clear_wake`, the wake-up
-    flag is cleared in the same transaction (see `relay`)."""
+    flag is cleared in the same transaction (see `relay`), or WakeBarrierBusy
+    is raised and nothing is claimed."""
     with connection.cursor() as cursor:
-        _one_transaction(
-            cursor,
-            _NO_FLUSH_WAIT + (_CLEAR_WAKE_SQL if clear_wake else "") + _CLAIM_SQL,
-            [limit, lease_seconds],
-        )
+        try:
+            _one_transaction(
+                cursor,
+                _NO_FLUSH_WAIT + (_CLEAR_WAKE_SQL if clear_wake else "") + _CLAIM_SQL,
+                (_clear_wake_params() if clear_wake else []) + [limit, lease_seconds],
+            )
+        except OperationalError as exc:
+            _raise_if_barrier_busy(exc)
+            raise
         rows = cursor.fetchall()
     claimed = claimed_rows(rows)
     claimed.sort(key=lambda r: r.outbox_id)
@@ -395,14 +432,23 @@ def relay(max_seconds: float | None = None) -> RelayReport:
     # early (failed rows, the time budget) asks for another run instead,
     # unless the broker itself failed: a wake-up could not be sent then, and
     # beat's tick retries once the broker is back.
+    #
+    # If a writer's transaction holds the wake-up barrier too long, the flag
+    # stays set and the run goes on without clearing it; writers that read it
+    # set count on a run that clears it, so this run ends by sending one.
+    cleared = True
     try:
         report = relay_batch(limit, clear_wake=True)
+    except WakeBarrierBusy:
+        logger.info("relay: the wake-up flag stays set (a writer holds the barrier)")
+        cleared = False
+        report = relay_batch(limit)
     except Exception:
         # The clear rolled back with the claim: writers would go on seeing
         # the flag set and never wake a relay (only beat's tick would).
         _clear_wake_quietly()
         raise
-    if report.batches == 0:
+    if report.batches == 0 and cleared:
         report = relay_batch(limit)
     while True:
         total.published_rows += report.published_rows
@@ -411,10 +457,18 @@ def relay(max_seconds: float | None = None) -> RelayReport:
         total.failed_rows += report.failed_rows
         total.batches += report.batches
         total.errors.extend(report.errors)
-        if report.batches == 0:
-            return total
-        if report.failed_rows or time.monotonic() >= deadline:
-            if not report.publish_failed:
+        stopped_early = report.batches > 0 and (
+            report.failed_rows > 0 or time.monotonic() >= deadline
+        )
+        if report.batches == 0 or stopped_early:
+            if report.publish_failed:
+                pass  # no wake-up could be sent: beat's tick retries
+            elif not cleared:
+                try:
+                    _send_wake_up()
+                except Exception:
+                    logger.warning("relay: no follow-up run sent; beat's tick runs", exc_info=True)
+            elif stopped_early:
                 request_wake()
             return total
         report = relay_batch(limit)
@@ -424,8 +478,13 @@ def relay(max_seconds: float | None = None) -> RelayReport:
 
 
 def clear_wake() -> None:
+    """Clear the wake-up flag (through the barrier), or raise WakeBarrierBusy."""
     with connection.cursor() as cursor:
-        cursor.execute(_CLEAR_WAKE_SQL)
+        try:
+            _one_transaction(cursor, _CLEAR_WAKE_SQL, _clear_wake_params())
+        except OperationalError as exc:
+            _raise_if_barrier_busy(exc)
+            raise
 
 
 _REQUEST_WAKE_SQL = """
@@ -456,14 +515,17 @@ def request_wake() -> None:
                     "WHERE NOT eventing_relaywake.requested"
                 )
                 first = cursor.rowcount == 1
-        if not first:
-            return
-        from .tasks import relay_task
-
-        relay_task.apply_async(queue=settings.EVENTING_RELAY_QUEUE, retry=False, expires=30)
+        if first:
+            _send_wake_up()
     except Exception:
         logger.warning("relay wake-up not sent; the beat tick will publish", exc_info=True)
         _clear_wake_quietly()
+
+
+def _send_wake_up() -> None:
+    from .tasks import relay_task
+
+    relay_task.apply_async(queue=settings.EVENTING_RELAY_QUEUE, retry=False, expires=30)
 
 
 def _clear_wake_quietly() -> None:

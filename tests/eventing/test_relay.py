@@ -600,6 +600,148 @@ def test_a_run_stopped_by_a_failed_row_asks_for_another_run(
     assert OutboxMessage.objects.get().last_error.startswith("outbox row targets unknown")
 
 
+class _OpenWriter(threading.Thread):
+    """Appends a probe event (as the web side does, outside any handler) in a
+    transaction it keeps open until `release` is set, on its own connection."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.appended = threading.Event()
+        self.release = threading.Event()
+        self.event_id = ""
+        self.backend_pid = 0
+        self.asked_for_wake_up: bool | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        connection = connections["default"]
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    (self.backend_pid,) = cursor.fetchone()
+                (row,) = store.append(
+                    aggregate_type=PROBE_AGGREGATE,
+                    aggregate_id=uuid.uuid4().hex,
+                    expected_version=0,
+                    events=[RelayProbe(n=1)],
+                )
+                self.event_id = str(row.event_id)
+                self.asked_for_wake_up = any(
+                    callback is relay_module.request_wake
+                    for _, callback, _ in connection.run_on_commit
+                )
+                self.appended.set()
+                assert self.release.wait(timeout=60), "never released"
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            connections.close_all()
+
+    def commit(self) -> None:
+        self.release.set()
+        self.join(timeout=30)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+def _backends_blocked_by(pid: int) -> int:
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", [pid]
+        )
+        (blocked,) = cursor.fetchone()
+    return int(blocked)
+
+
+def test_a_writer_that_found_the_flag_set_is_published_by_the_run_that_clears_it(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer whose append finds the wake-up flag set asks for no wake-up.
+    The run that clears the flag waits for that writer's commit (the barrier),
+    then claims: it publishes the row, and no wake-up message is sent."""
+    monkeypatch.setattr(relay_module, "WAKE_BARRIER_TIMEOUT_MS", 60_000)
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    writer = _OpenWriter()
+    writer.start()
+    reports: list[relay_module.RelayReport] = []
+    run = threading.Thread(target=lambda: reports.append(relay_module.relay(max_seconds=10)))
+    try:
+        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.asked_for_wake_up is False, "the flag was set: no wake-up is needed"
+        run.start()
+        wait_for(
+            lambda: _backends_blocked_by(writer.backend_pid) == 1,
+            what="the relay's clear to wait for the open writer",
+        )
+    finally:
+        writer.commit()
+        if run.is_alive():
+            run.join(timeout=30)
+
+    (report,) = reports
+    assert report.published_rows == 1, report
+    assert event_ids(take_all(probe_queue)) == [writer.event_id]
+    assert not RelayWake.objects.get(id=1).requested
+    assert _holds_steady(lambda: _depth("relay") == 0), "nobody sent a wake-up"
+
+
+def test_a_writer_holding_the_barrier_too_long_gets_a_follow_up_run(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clear gives up waiting after WAKE_BARRIER_TIMEOUT_MS: the run
+    publishes what is committed, leaves the flag set (the open writer counts
+    on a run that clears it) and sends one follow-up run, which publishes the
+    writer's row once it has committed."""
+    monkeypatch.setattr(relay_module, "WAKE_BARRIER_TIMEOUT_MS", 100)
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    (committed,) = insert_events(1)
+    writer = _OpenWriter()
+    writer.start()
+    try:
+        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.asked_for_wake_up is False
+
+        report = relay_module.relay(max_seconds=10)
+
+        assert report.published_rows == 1, report
+        assert event_ids(take_all(probe_queue)) == [committed]
+        assert RelayWake.objects.get(id=1).requested, "not cleared while the writer is open"
+        wait_for(lambda: _depth("relay") >= 1, what="the follow-up run's message")
+        assert [m.headers["task"] for m in take_all("relay")] == ["eventing.relay"]
+    finally:
+        writer.commit()
+
+    report = relay_module.relay(max_seconds=10)  # the follow-up run
+
+    assert report.published_rows == 1, report
+    assert event_ids(take_all(probe_queue)) == [writer.event_id]
+    assert not RelayWake.objects.get(id=1).requested
+
+
+def test_a_writer_does_not_wait_while_the_relay_holds_the_barrier(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    """Writers only try the barrier: while a relay holds it (here another
+    session does), an append commits at once and asks for a wake-up itself."""
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": False})
+    holder = connections.create_connection("default")
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", [store.WAKE_BARRIER_KEY])
+        writer = _OpenWriter()
+        writer.start()
+        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.asked_for_wake_up is True, "without the barrier it must ask"
+        writer.commit()
+    finally:
+        holder.close()
+
+    wait_for(lambda: _depth("relay") >= 1, what="the writer's wake-up")
+    assert RelayWake.objects.get(id=1).requested
+    assert relay_module.relay(max_seconds=10).published_rows == 1
+    assert event_ids(take_all(probe_queue)) == [writer.event_id]
+
+
 # -- 5. confirms and leases -----------------------------------------------------
 
 

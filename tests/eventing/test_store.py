@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from django.db import DatabaseError, connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 
 from eventing.models import EventEmissionRequired, OutboxMessage, StoredEvent
 from eventing.store import ConcurrencyError
@@ -94,6 +95,86 @@ def test_an_append_of_many_events_keeps_every_event_in_order(db: None) -> None:
     assert [e.payload["on_hand"] for e in stored] == list(range(1, 302))
     assert [r.position for r in rows] == [e.position for e in stored]
     assert OutboxMessage.objects.filter(event__aggregate_id="SKU-BULK").count() == 301
+
+
+def test_placing_an_order_sends_its_row_and_its_events_in_one_round_trip(db: None) -> None:
+    from orders.models import CatalogItem
+
+    CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
+    customer = UserFactory()
+    with CaptureQueriesContext(connection) as captured:
+        order = order_place(customer_id=customer.pk, lines=[{"sku": "SKU-1", "quantity": 2}])
+
+    writes = [q["sql"] for q in captured.captured_queries if "INSERT INTO" in q["sql"]]
+    assert len(writes) == 1, writes
+    (write,) = writes
+    assert write.startswith('INSERT INTO "orders_order" ')
+    assert "INSERT INTO eventing_storedevent" in write
+    assert "INSERT INTO eventing_outboxmessage" in write
+    event = StoredEvent.objects.get(aggregate_id=str(order.pk))
+    assert OutboxMessage.objects.filter(event=event).count() == 1
+    assert Order.objects.get(pk=order.pk).version == 1
+
+
+def test_a_new_aggregate_whose_stream_exists_is_written_not_at_all(db: None) -> None:
+    """The row's INSERT and its events go in one query string: when the
+    events are refused (their stream already has a version 1), so is the row."""
+    from eventing import store
+    from orders.events import OrderShipped
+
+    order = Order.place(
+        customer_id=UserFactory().pk, lines=[{"sku": "SKU-1", "quantity": 1, "unit_price": "1"}]
+    )
+    with transaction.atomic():
+        store.append(
+            aggregate_type="orders.Order",
+            aggregate_id=str(order.pk),
+            expected_version=0,
+            events=[OrderShipped(order_id=str(order.pk), customer_id=order.customer_id)],
+        )
+
+    with pytest.raises(ConcurrencyError), transaction.atomic():
+        order.save(force_insert=True)
+
+    assert not Order.objects.filter(pk=order.pk).exists()
+    assert list(
+        StoredEvent.objects.filter(aggregate_id=str(order.pk)).values_list("event_type", flat=True)
+    ) == ["orders.OrderShipped"]
+    assert order.version == 0, "the instance keeps the version it had"
+
+
+def test_only_a_plain_insert_of_the_table_carries_the_append() -> None:
+    """Pure: the execute wrapper leaves every other statement alone, above all
+    an INSERT with RETURNING, whose rows Django reads back itself."""
+    from eventing.store import _AppendAlongside
+
+    sent: list[tuple[str, tuple]] = []
+
+    class Cursor:
+        def fetchall(self) -> list[tuple]:
+            return [(7, "e", True)]
+
+    def execute(sql: str, params: tuple, many: bool, context: dict) -> None:
+        sent.append((sql, params))
+
+    alongside = _AppendAlongside("orders_order", "APPEND", ["a"])
+    context = {"cursor": Cursor()}
+    for other in (
+        'INSERT INTO "orders_order" ("id") VALUES (%s) RETURNING "orders_order"."id"',
+        'UPDATE "orders_order" SET "status" = %s',
+        'INSERT INTO "orders_order_x" ("id") VALUES (%s)',
+    ):
+        alongside(execute, other, ("p",), False, context)
+        assert sent.pop() == (other, ("p",))
+    alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("p",), True, context)
+    assert sent.pop()[0] == 'INSERT INTO "orders_order" ("id") VALUES (%s)', "executemany"
+    assert alongside.returned is None
+
+    alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("p",), False, context)
+    assert sent.pop() == ('INSERT INTO "orders_order" ("id") VALUES (%s);\nAPPEND', ("p", "a"))
+    assert alongside.returned == [(7, "e", True)]
+    alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("q",), False, context)
+    assert sent.pop() == ('INSERT INTO "orders_order" ("id") VALUES (%s)', ("q",)), "only once"
 
 
 def test_concurrent_writers_one_wins_each_version(live: object) -> None:
