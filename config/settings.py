@@ -248,6 +248,10 @@ EVENTING = {
     "RETRY_BASE_SECONDS": env.float("EVENTING_RETRY_BASE_SECONDS", default=1.0),
     "RETRY_MAX_SECONDS": env.float("EVENTING_RETRY_MAX_SECONDS", default=60.0),
     "MAX_CHAIN_DEPTH": env.int("EVENTING_MAX_CHAIN_DEPTH", default=20),
+    # Appends run as server-side prepared statements, prepared once per
+    # connection. Off behind a pooler that shares server sessions between
+    # clients (PgBouncer in transaction or statement mode).
+    "PREPARED_APPEND": env.bool("EVENTING_PREPARED_APPEND", default=True),
     # Read-your-writes: how long a query given a consistency token waits.
     "CONSISTENCY_WAIT_SECONDS": env.float("EVENTING_CONSISTENCY_WAIT_SECONDS", default=5.0),
     "CONSISTENCY_POLL_SECONDS": env.float("EVENTING_CONSISTENCY_POLL_SECONDS", default=0.02),

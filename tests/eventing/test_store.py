@@ -102,15 +102,16 @@ def test_placing_an_order_sends_its_row_and_its_events_in_one_round_trip(db: Non
 
     CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
     customer = UserFactory()
+    order_place(customer_id=customer.pk, lines=[{"sku": "SKU-1", "quantity": 1}])  # prepares
     with CaptureQueriesContext(connection) as captured:
         order = order_place(customer_id=customer.pk, lines=[{"sku": "SKU-1", "quantity": 2}])
 
-    writes = [q["sql"] for q in captured.captured_queries if "INSERT INTO" in q["sql"]]
-    assert len(writes) == 1, writes
+    statements = [q["sql"] for q in captured.captured_queries]
+    writes = [sql for sql in statements if "INSERT" in sql or "EXECUTE" in sql]
+    assert len(writes) == 1, statements
     (write,) = writes
     assert write.startswith('INSERT INTO "orders_order" ')
-    assert "INSERT INTO eventing_storedevent" in write
-    assert "INSERT INTO eventing_outboxmessage" in write
+    assert "EXECUTE eventing_append_1_barrier (" in write
     event = StoredEvent.objects.get(aggregate_id=str(order.pk))
     assert OutboxMessage.objects.filter(event=event).count() == 1
     assert Order.objects.get(pk=order.pk).version == 1
@@ -141,6 +142,41 @@ def test_a_new_aggregate_whose_stream_exists_is_written_not_at_all(db: None) -> 
         StoredEvent.objects.filter(aggregate_id=str(order.pk)).values_list("event_type", flat=True)
     ) == ["orders.OrderShipped"]
     assert order.version == 0, "the instance keeps the version it had"
+
+
+def _prepared_appends() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT name FROM pg_prepared_statements WHERE name LIKE 'eventing_append%%' "
+            "ORDER BY name"
+        )
+        return [name for (name,) in cursor.fetchall()]
+
+
+def test_prepared_appends_outlive_a_rollback_and_are_prepared_again_on_a_new_connection(
+    transactional_db: None,
+) -> None:
+    from orders.models import CatalogItem
+
+    CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
+    customer = UserFactory()
+
+    def place() -> Order:
+        return order_place(customer_id=customer.pk, lines=[{"sku": "SKU-1", "quantity": 1}])
+
+    connection.close()
+    assert _prepared_appends() == [], "a new session has none"
+    with transaction.atomic():
+        place()
+        transaction.set_rollback(True)
+    assert _prepared_appends() == ["eventing_append_1_barrier"]
+    kept = place()  # the rolled-back transaction's PREPARE is still there
+    assert StoredEvent.objects.filter(aggregate_id=str(kept.pk)).count() == 1
+
+    connection.close()
+    again = place()
+    assert _prepared_appends() == ["eventing_append_1_barrier"]
+    assert StoredEvent.objects.filter(aggregate_id=str(again.pk)).count() == 1
 
 
 def test_only_a_plain_insert_of_the_table_carries_the_append() -> None:
