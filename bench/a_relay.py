@@ -34,7 +34,6 @@ from .common import (
     reset_database,
     retried,
     rounded,
-    scalar,
 )
 from .sizes import Sizes
 
@@ -115,10 +114,13 @@ def run(sizes: Sizes) -> Result:
     batches = baseline_messages()
     messages = [message for batch in batches for message in batch]
     deliveries = 2  # each OrderPlaced goes to orders and inventory
-    envelope_bytes = scalar(
-        f"SELECT octet_length({relay.ENVELOPE_JSON_SQL}) FROM eventing_storedevent e "
-        "ORDER BY e.position LIMIT 1"
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 0, '', 0, NULL, {relay.EVENT_COLUMNS_SQL} FROM eventing_storedevent e "
+            "ORDER BY e.position LIMIT 1"
+        )
+        (first,) = relay.claimed_rows(cursor.fetchall())
+    envelope_bytes = len(first.envelope_json)
     body_bytes = sum(len(m.body) for m in messages) / len(messages)
     relay_rates: list[float] = []
     raw_rates: list[float] = []

@@ -474,6 +474,43 @@ def test_cut_broker_connection_keeps_rows_then_publishes_each_once(
         proxy.close()
 
 
+def test_the_wire_envelope_is_the_stored_events_envelope(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    """The relay builds the envelopes it sends from the claim's columns; what a
+    consumer receives is exactly `StoredEvent.envelope()`, payload included."""
+    ids = insert_events(3)
+    odd = StoredEvent(
+        event_id=uuid.uuid4(),
+        aggregate_type=PROBE_AGGREGATE,
+        aggregate_id=f"odd-{uuid.uuid4().hex[:8]}",
+        version=1,
+        event_type=RelayProbe.name,
+        schema_version=RelayProbe.version,
+        payload={"n": 1, "text": 'caf\u00e9 "quoted" \\ \u2028', "nested": [1.5, None, {"a": []}]},
+        source=settings.EVENTING["SOURCE"],
+        time=timezone.now(),
+        correlation_id="c",
+        causation_id="cause",
+        traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        actor="user:1",
+        chain_depth=2,
+    )
+    with transaction.atomic():
+        odd.save()
+        OutboxMessage.objects.create(event=odd)
+
+    report = relay_module.relay_batch()
+
+    assert report.published_rows == 4, report
+    sent = [envelope for m in take_all(probe_queue) for envelope in json.loads(m.body)[0][0]]
+    stored = {
+        str(e.event_id): e.envelope()
+        for e in StoredEvent.objects.filter(event_id__in=[*ids, odd.event_id])
+    }
+    assert {envelope["id"]: envelope for envelope in sent} == stored
+
+
 # -- 3. mandatory ---------------------------------------------------------------
 
 
