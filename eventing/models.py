@@ -51,8 +51,8 @@ class StoredEvent(models.Model):
         # LIKE that no query uses.
         indexes = [
             models.Index(fields=["aggregate_id"], name="event_aggregate_id"),
-            models.Index(fields=["event_type"], name="event_type"),
-            models.Index(fields=["correlation_id"], name="event_correlation"),
+            models.Index(fields=["event_type"], name="stored_event_type"),
+            models.Index(fields=["correlation_id"], name="stored_event_correlation"),
         ]
         ordering = ["position"]
 
