@@ -316,7 +316,7 @@ class EventSourcedModel(models.Model):
         with context.atomic_step(savepoint=not self._state.adding):
             self.version = expected_version + len(pending)
             try:
-                if pending:
+                if pending and self.pk is not None:
                     # The row's write runs inside the append, which rides
                     # along with it when it is an INSERT (one round trip).
                     store.append(
@@ -326,9 +326,19 @@ class EventSourcedModel(models.Model):
                         events=pending,
                         along_with=lambda: super(EventSourcedModel, self).save(*args, **kwargs),
                         table=self._meta.db_table,
+                        key=self.pk,
                     )
                 else:
+                    # No key yet (the database assigns it): the stream's id is
+                    # known only once the row is written.
                     super().save(*args, **kwargs)
+                    if pending:
+                        store.append(
+                            aggregate_type=self.aggregate_type,
+                            aggregate_id=self.aggregate_id,
+                            expected_version=expected_version,
+                            events=pending,
+                        )
             except BaseException:
                 self.version = expected_version
                 raise

@@ -126,23 +126,36 @@ WHERE e.position = ANY(ARRAY(SELECT event_id FROM claimed))
 # skip - and never lost, because a row is deleted only after its confirm.
 # (A lost clear of the wake-up flag delays wake-ups until the next beat tick.)
 _NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off;"
-# Every clear of the wake-up flag first takes the writers' barrier
-# (`store.WAKE_BARRIER_KEY`) exclusively: it waits for each writer that read
-# the flag set, and so sent no wake-up, to end its transaction, and the claim
-# that goes with the clear sees their rows. Writers only try the barrier, so
-# none waits on it; the timeout bounds the wait on a writer's transaction
-# that stays open long after its append.
+# A relay run clears the wake-up flag through the writers' barrier
+# (`store.WAKE_BARRIER_KEY`): if the flag is set, it takes the barrier
+# exclusively, which waits for each writer that read the flag set (and so
+# sent no wake-up) to end its transaction, and the claim that goes with the
+# clear sees their rows. If the flag is not set, no writer counts on this run
+# and nothing waits; should a wake-up request set it between the two
+# statements, it is cleared only if the barrier is free at once, and
+# otherwise left for the run that request started. Writers only try the
+# barrier, so none waits on it; the timeout bounds the relay's wait on a
+# writer's transaction that stays open long after its append.
 WAKE_BARRIER_TIMEOUT_MS = 50
-# Parameters: the lock timeout, the barrier's key (`_clear_wake_params`).
+# Parameters: the lock timeout, the barrier's key twice (`_clear_wake_params`).
 _CLEAR_WAKE_SQL = (
-    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s);"
-    "SET LOCAL lock_timeout = 0;"
-    "UPDATE eventing_relaywake SET requested = false WHERE id = 1 AND requested;"
+    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s) "
+    "FROM eventing_relaywake WHERE id = 1 AND requested;"
+    "SET LOCAL lock_timeout = DEFAULT;"
+    "UPDATE eventing_relaywake SET requested = false "
+    "WHERE id = 1 AND requested AND pg_try_advisory_xact_lock(%s);"
+)
+# Outside a run (its wake-up could not be sent, its claim failed): clear the
+# flag only if no writer holds the barrier, without waiting; otherwise it
+# stays set and beat's tick clears it.
+_CLEAR_WAKE_IF_FREE_SQL = (
+    "UPDATE eventing_relaywake SET requested = false "
+    "WHERE id = 1 AND requested AND pg_try_advisory_xact_lock(%s);"
 )
 
 
 def _clear_wake_params() -> list[Any]:
-    return [f"{WAKE_BARRIER_TIMEOUT_MS}ms", store.WAKE_BARRIER_KEY]
+    return [f"{WAKE_BARRIER_TIMEOUT_MS}ms", store.WAKE_BARRIER_KEY, store.WAKE_BARRIER_KEY]
 
 
 class WakeBarrierBusy(Exception):
@@ -448,18 +461,22 @@ def relay(max_seconds: float | None = None) -> RelayReport:
     # beat's tick retries once the broker is back.
     #
     # If a writer's transaction holds the wake-up barrier too long, the flag
-    # stays set and the run goes on without clearing it; writers that read it
-    # set count on a run that clears it, so this run ends by sending one.
+    # stays set and the run goes on without clearing it. Writers that read it
+    # set count on a run that clears it: beat's next tick is that run. (A
+    # follow-up sent from here would start a chain of runs per tick for as
+    # long as the writer stays open, each waiting on the barrier.)
     cleared = True
     try:
         report = relay_batch(limit, clear_wake=True)
     except WakeBarrierBusy:
-        logger.info("relay: the wake-up flag stays set (a writer holds the barrier)")
+        logger.debug("relay: the wake-up flag stays set (a writer holds the barrier)")
         cleared = False
         report = relay_batch(limit)
     except Exception:
         # The clear rolled back with the claim: writers would go on seeing
-        # the flag set and never wake a relay (only beat's tick would).
+        # the flag set and never wake a relay (only beat's tick would). It is
+        # cleared here if no writer holds the barrier; one that does counts
+        # on a clearing run, and beat's tick is that run.
         _clear_wake_quietly()
         raise
     if report.batches == 0 and cleared:
@@ -475,14 +492,9 @@ def relay(max_seconds: float | None = None) -> RelayReport:
             report.failed_rows > 0 or time.monotonic() >= deadline
         )
         if report.batches == 0 or stopped_early:
-            if report.publish_failed:
-                pass  # no wake-up could be sent: beat's tick retries
-            elif not cleared:
-                try:
-                    _send_wake_up()
-                except Exception:
-                    logger.warning("relay: no follow-up run sent; beat's tick runs", exc_info=True)
-            elif stopped_early:
+            # After a failed publish no wake-up could be sent: beat's tick
+            # retries. Not cleared, the flag is set and asks for nothing.
+            if stopped_early and cleared and not report.publish_failed:
                 request_wake()
             return total
         report = relay_batch(limit)
@@ -492,13 +504,10 @@ def relay(max_seconds: float | None = None) -> RelayReport:
 
 
 def clear_wake() -> None:
-    """Clear the wake-up flag (through the barrier), or raise WakeBarrierBusy."""
+    """Clear the wake-up flag unless a writer holds the barrier (see
+    `_CLEAR_WAKE_IF_FREE_SQL`); never waits."""
     with connection.cursor() as cursor:
-        try:
-            _one_transaction(cursor, _CLEAR_WAKE_SQL, _clear_wake_params())
-        except OperationalError as exc:
-            _raise_if_barrier_busy(exc)
-            raise
+        _one_transaction(cursor, _CLEAR_WAKE_IF_FREE_SQL, [store.WAKE_BARRIER_KEY])
 
 
 _REQUEST_WAKE_SQL = """

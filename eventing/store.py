@@ -39,6 +39,7 @@ def append(
     events: Sequence[DomainEvent],
     along_with: Callable[[], object] | None = None,
     table: str = "",
+    key: object = None,
 ) -> list[StoredEvent]:
     """Append `events` to a stream and queue them in the outbox.
 
@@ -46,9 +47,10 @@ def append(
     aggregate's row: the events exist iff that transaction commits.
 
     `along_with` is the aggregate's own write (its `save()`), run here before
-    the append. When that write is a plain INSERT into `table`, the append
-    goes to the server in the same round trip as the INSERT (see
-    `_AppendAlongside`); otherwise it follows as a statement of its own.
+    the append. When that write is a plain INSERT into `table` of the row
+    whose primary key is `key`, the append goes to the server in the same
+    round trip as the INSERT (see `_AppendAlongside`); otherwise it follows
+    as a statement of its own.
     """
     if not connection.in_atomic_block:
         raise RuntimeError("store.append() must run inside transaction.atomic()")
@@ -87,7 +89,7 @@ def append(
     try:
         returned = None
         if along_with is not None:
-            alongside = _AppendAlongside(table, sql, params)
+            alongside = _AppendAlongside(table, key, sql, params)
             with connection.execute_wrapper(alongside):
                 along_with()
             returned = alongside.returned
@@ -120,12 +122,15 @@ class _AppendAlongside:
 
     Only an INSERT without RETURNING qualifies: Django then reads nothing back
     from the cursor, and psycopg2 keeps the last statement's rows, the
-    append's, which are read here. Anything else passes through untouched
-    and the append runs on its own. Either statement failing fails the query
-    string, so the row and its events still go in together or not at all."""
+    append's, which are read here. It must carry the aggregate's key among
+    its values: another row of the table written meanwhile (by a signal, say)
+    does not take the events. Anything else passes through untouched and the
+    append runs on its own. Either statement failing fails the query string,
+    so the row and its events still go in together or not at all."""
 
-    def __init__(self, table: str, sql: str, params: Sequence[object]) -> None:
+    def __init__(self, table: str, key: object, sql: str, params: Sequence[object]) -> None:
         self.prefix = f"INSERT INTO {connection.ops.quote_name(table)} " if table else None
+        self.key = key
         self.sql = sql
         self.params = params
         self.returned: list[tuple] | None = None
@@ -139,6 +144,7 @@ class _AppendAlongside:
             and not many
             and sql.startswith(self.prefix)
             and " RETURNING " not in sql
+            and self.key in (params or ())
         )
         if not qualifies:
             return execute(sql, params, many, context)

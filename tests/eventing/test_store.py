@@ -117,9 +117,12 @@ def test_placing_an_order_sends_its_row_and_its_events_in_one_round_trip(db: Non
     assert Order.objects.get(pk=order.pk).version == 1
 
 
-def test_a_new_aggregate_whose_stream_exists_is_written_not_at_all(db: None) -> None:
-    """The row's INSERT and its events go in one query string: when the
-    events are refused (their stream already has a version 1), so is the row."""
+def test_a_new_aggregate_whose_stream_exists_is_refused_with_a_concurrency_error(
+    db: None,
+) -> None:
+    """The row's INSERT and its events go in one query string; when the
+    events are refused (their stream already has a version 1) the save fails
+    with ConcurrencyError, as an append of its own would, and no row is left."""
     from eventing import store
     from orders.events import OrderShipped
 
@@ -134,9 +137,15 @@ def test_a_new_aggregate_whose_stream_exists_is_written_not_at_all(db: None) -> 
             events=[OrderShipped(order_id=str(order.pk), customer_id=order.customer_id)],
         )
 
-    with pytest.raises(ConcurrencyError), transaction.atomic():
+    with (
+        CaptureQueriesContext(connection) as captured,
+        pytest.raises(ConcurrencyError),
+        transaction.atomic(),
+    ):
         order.save(force_insert=True)
 
+    (insert,) = [q["sql"] for q in captured.captured_queries if "INSERT" in q["sql"]]
+    assert insert.startswith('INSERT INTO "orders_order" ') and "EXECUTE eventing_append_" in insert
     assert not Order.objects.filter(pk=order.pk).exists()
     assert list(
         StoredEvent.objects.filter(aggregate_id=str(order.pk)).values_list("event_type", flat=True)
@@ -154,9 +163,14 @@ def _prepared_appends() -> list[str]:
 
 
 def test_prepared_appends_outlive_a_rollback_and_are_prepared_again_on_a_new_connection(
-    transactional_db: None,
+    transactional_db: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from eventing import store
     from orders.models import CatalogItem
+
+    # The orders commit: no wake-up, so that a session worker's relay and
+    # saga leave them alone until the teardown flushes them.
+    monkeypatch.setattr(store, "schedule_relay_wake", lambda: None)
 
     CatalogItem.objects.create(sku="SKU-1", name="One", unit_price="2.50")
     customer = UserFactory()
@@ -193,7 +207,7 @@ def test_only_a_plain_insert_of_the_table_carries_the_append() -> None:
     def execute(sql: str, params: tuple, many: bool, context: dict) -> None:
         sent.append((sql, params))
 
-    alongside = _AppendAlongside("orders_order", "APPEND", ["a"])
+    alongside = _AppendAlongside("orders_order", "p", "APPEND", ["a"])
     context = {"cursor": Cursor()}
     for other in (
         'INSERT INTO "orders_order" ("id") VALUES (%s) RETURNING "orders_order"."id"',
@@ -202,6 +216,9 @@ def test_only_a_plain_insert_of_the_table_carries_the_append() -> None:
     ):
         alongside(execute, other, ("p",), False, context)
         assert sent.pop() == (other, ("p",))
+    another_row = 'INSERT INTO "orders_order" ("id") VALUES (%s)'
+    alongside(execute, another_row, ("not-the-key",), False, context)
+    assert sent.pop() == (another_row, ("not-the-key",)), "another row of the table"
     alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("p",), True, context)
     assert sent.pop()[0] == 'INSERT INTO "orders_order" ("id") VALUES (%s)', "executemany"
     assert alongside.returned is None
@@ -209,8 +226,8 @@ def test_only_a_plain_insert_of_the_table_carries_the_append() -> None:
     alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("p",), False, context)
     assert sent.pop() == ('INSERT INTO "orders_order" ("id") VALUES (%s);\nAPPEND', ("p", "a"))
     assert alongside.returned == [(7, "e", True)]
-    alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("q",), False, context)
-    assert sent.pop() == ('INSERT INTO "orders_order" ("id") VALUES (%s)', ("q",)), "only once"
+    alongside(execute, 'INSERT INTO "orders_order" ("id") VALUES (%s)', ("p",), False, context)
+    assert sent.pop() == ('INSERT INTO "orders_order" ("id") VALUES (%s)', ("p",)), "only once"
 
 
 def test_concurrent_writers_one_wins_each_version(live: object) -> None:
