@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import json
 import logging
@@ -85,7 +84,7 @@ def append(
     # Outside a consumer's handler the append joins the relay's wake-up
     # barrier; a handler's batch transaction can last long enough to hold up
     # a relay run's start, so it asks for a wake-up after commit.
-    sql, params = _append_statement(rows, now, barrier=not ctx.in_handler)
+    sql, params = _append_statement(rows, barrier=not ctx.in_handler)
     try:
         returned = None
         if along_with is not None:
@@ -170,7 +169,10 @@ WAKE_BARRIER_KEY = (0x52454C41 << 32) | 0x57414B45  # "RELA" "WAKE"
 # placeholders per event: PostgreSQL plans and runs it in about half the time
 # of the same insert from `unnest()` over fourteen arrays (0.3 vs 0.75 ms for
 # one event here), and most appends carry one or two events. Outbox ids
-# follow the positions: the relay publishes in outbox id order.
+# follow the positions: the relay publishes in outbox id order. An outbox
+# row's times are the database's clock, the one the relay's claim compares
+# `available_at` with: an application clock running ahead would hold rows
+# back by as much.
 _APPEND_SQL = """{barrier}
 WITH appended AS (
     INSERT INTO eventing_storedevent (
@@ -181,7 +183,7 @@ WITH appended AS (
 ), queued AS (
     INSERT INTO eventing_outboxmessage (
         event_id, consumer, created_at, available_at, attempts, last_error)
-    SELECT position, '', %s::timestamptz, %s::timestamptz, 0, '' FROM appended ORDER BY position
+    SELECT position, '', now(), now(), 0, '' FROM appended ORDER BY position
 )
 SELECT position, event_id, {relay_will_look} FROM appended
 """
@@ -251,9 +253,7 @@ def _prepared_sql(n_events: int, barrier: bool) -> str | None:
     return execute
 
 
-def _append_statement(
-    rows: list[StoredEvent], now: dt.datetime, *, barrier: bool
-) -> tuple[str, list[object]]:
+def _append_statement(rows: list[StoredEvent], *, barrier: bool) -> tuple[str, list[object]]:
     """The append's query string and parameters. Its rows are (position,
     event id, whether the relay is sure to claim them without a wake-up from
     this transaction: the flag was set and this transaction holds the
@@ -278,7 +278,6 @@ def _append_statement(
             r.actor,
             r.chain_depth,
         )
-    params += (now, now)
     sql = _prepared_sql(len(rows), barrier) or _append_sql(len(rows), barrier)
     return sql, params
 

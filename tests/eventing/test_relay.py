@@ -15,12 +15,14 @@ probe consumer and would delete probe rows without publishing them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import amqp
@@ -509,6 +511,24 @@ def test_the_wire_envelope_is_the_stored_events_envelope(
         for e in StoredEvent.objects.filter(event_id__in=[*ids, odd.event_id])
     }
     assert {envelope["id"]: envelope for envelope in sent} == stored
+
+
+def test_an_application_clock_ahead_of_the_databases_holds_no_row_back(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay claims rows whose `available_at` has come by the database's
+    clock; the append stamps them with that clock, whatever the web server's
+    says (here an hour ahead, as the event's own time shows)."""
+    ahead = timezone.now() + dt.timedelta(hours=1)
+    monkeypatch.setattr(store, "timezone", SimpleNamespace(now=lambda: ahead))
+    aggregate_id = f"clock-{uuid.uuid4().hex[:8]}"
+    _append_probe(aggregate_id, 1)
+
+    report = relay_module.relay_batch()
+
+    assert report.published_rows == 1, report
+    (sent,) = event_ids(take_all(probe_queue))
+    assert StoredEvent.objects.get(event_id=sent).time == ahead
 
 
 # -- 3. mandatory ---------------------------------------------------------------
