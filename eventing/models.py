@@ -4,6 +4,8 @@ and dead letters, plus the abstract base of event-emitting models.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from django.db import models
@@ -316,29 +318,27 @@ class EventSourcedModel(models.Model):
         with context.atomic_step(savepoint=not self._state.adding):
             self.version = expected_version + len(pending)
             try:
-                if pending and self.pk is not None:
-                    # The row's write runs inside the append, which rides
-                    # along with it when it is an INSERT (one round trip).
+                write_row: Callable[[], None] | None = functools.partial(
+                    super().save, *args, **kwargs
+                )
+                if not pending or self.pk is None:
+                    # Without events, or with a key the database assigns (the
+                    # stream's id is known only once the row is written), the
+                    # row goes first, on its own.
+                    write_row()
+                    write_row = None
+                if pending:
+                    # Otherwise the row's write runs inside the append, which
+                    # rides along with it when it is an INSERT (one round trip).
                     store.append(
                         aggregate_type=self.aggregate_type,
                         aggregate_id=self.aggregate_id,
                         expected_version=expected_version,
                         events=pending,
-                        along_with=lambda: super(EventSourcedModel, self).save(*args, **kwargs),
+                        along_with=write_row,
                         table=self._meta.db_table,
                         key=self.pk,
                     )
-                else:
-                    # No key yet (the database assigns it): the stream's id is
-                    # known only once the row is written.
-                    super().save(*args, **kwargs)
-                    if pending:
-                        store.append(
-                            aggregate_type=self.aggregate_type,
-                            aggregate_id=self.aggregate_id,
-                            expected_version=expected_version,
-                            events=pending,
-                        )
             except BaseException:
                 self.version = expected_version
                 raise

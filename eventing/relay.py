@@ -538,17 +538,14 @@ def request_wake() -> None:
                     "WHERE NOT eventing_relaywake.requested"
                 )
                 first = cursor.rowcount == 1
-        if first:
-            _send_wake_up()
+        if not first:
+            return
+        from .tasks import relay_task
+
+        relay_task.apply_async(queue=settings.EVENTING_RELAY_QUEUE, retry=False, expires=30)
     except Exception:
         logger.warning("relay wake-up not sent; the beat tick will publish", exc_info=True)
         _clear_wake_quietly()
-
-
-def _send_wake_up() -> None:
-    from .tasks import relay_task
-
-    relay_task.apply_async(queue=settings.EVENTING_RELAY_QUEUE, retry=False, expires=30)
 
 
 def _clear_wake_quietly() -> None:
