@@ -444,8 +444,14 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
     return report
 
 
-def relay(max_seconds: float | None = None) -> RelayReport:
-    """Drain the outbox until empty, a failure, or the time budget is spent."""
+# A run that could not clear the wake-up flag sends one follow-up run this
+# much later; a follow-up that cannot clear it either leaves it to beat.
+FOLLOW_UP_SECONDS = 1.0
+
+
+def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> RelayReport:
+    """Drain the outbox until empty, a failure, or the time budget is spent.
+    `follow_up`: this run was sent by one that could not clear the flag."""
     budget = settings.EVENTING["RELAY_MAX_SECONDS"] if max_seconds is None else max_seconds
     total = RelayReport()
     deadline = time.monotonic() + budget
@@ -462,9 +468,11 @@ def relay(max_seconds: float | None = None) -> RelayReport:
     #
     # If a writer's transaction holds the wake-up barrier too long, the flag
     # stays set and the run goes on without clearing it. Writers that read it
-    # set count on a run that clears it: beat's next tick is that run. (A
-    # follow-up sent from here would start a chain of runs per tick for as
-    # long as the writer stays open, each waiting on the barrier.)
+    # set count on a run that clears it: this run tries once more when the
+    # outbox is drained, and if the writer is still open it sends one
+    # follow-up run a second later. A follow-up sends none (otherwise a long
+    # transaction would keep chains of runs waiting on the barrier, one more
+    # per beat tick); beat's tick is the run after it.
     cleared = True
     try:
         report = relay_batch(limit, clear_wake=True)
@@ -481,6 +489,7 @@ def relay(max_seconds: float | None = None) -> RelayReport:
         raise
     if report.batches == 0 and cleared:
         report = relay_batch(limit)
+    retried_clear = False
     while True:
         total.published_rows += report.published_rows
         total.messages += report.messages
@@ -491,11 +500,25 @@ def relay(max_seconds: float | None = None) -> RelayReport:
         stopped_early = report.batches > 0 and (
             report.failed_rows > 0 or time.monotonic() >= deadline
         )
+        if report.batches == 0 and not cleared and not retried_clear:
+            retried_clear = True
+            try:
+                report = relay_batch(limit, clear_wake=True)
+            except WakeBarrierBusy:
+                _send_follow_up(follow_up)
+                return total
+            cleared = True
+            if report.batches == 0:
+                report = relay_batch(limit)  # the same rule as at the start
+            continue
         if report.batches == 0 or stopped_early:
             # After a failed publish no wake-up could be sent: beat's tick
             # retries. Not cleared, the flag is set and asks for nothing.
-            if stopped_early and cleared and not report.publish_failed:
-                request_wake()
+            if stopped_early and not report.publish_failed:
+                if cleared:
+                    request_wake()
+                else:
+                    _send_follow_up(follow_up)
             return total
         report = relay_batch(limit)
 
@@ -546,6 +569,24 @@ def request_wake() -> None:
     except Exception:
         logger.warning("relay wake-up not sent; the beat tick will publish", exc_info=True)
         _clear_wake_quietly()
+
+
+def _send_follow_up(follow_up: bool) -> None:
+    if follow_up:
+        logger.info("relay: the wake-up flag stays set for beat's tick (the barrier is held)")
+        return
+    from .tasks import relay_task
+
+    try:
+        relay_task.apply_async(
+            kwargs={"follow_up": True},
+            queue=settings.EVENTING_RELAY_QUEUE,
+            countdown=FOLLOW_UP_SECONDS,
+            retry=False,
+            expires=30,
+        )
+    except Exception:
+        logger.warning("relay: follow-up run not sent; beat's tick runs", exc_info=True)
 
 
 def _clear_wake_quietly() -> None:

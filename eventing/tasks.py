@@ -8,10 +8,10 @@ from . import relay
 
 
 @shared_task(name="eventing.relay", ignore_result=True, acks_late=False)
-def relay_task() -> dict[str, int]:
+def relay_task(follow_up: bool = False) -> dict[str, int]:
     # acks_late is off on purpose: a relay run is a tick, not a unit of work;
     # redelivering it after a crash would only add a duplicate tick.
-    report = relay.relay()
+    report = relay.relay(follow_up=follow_up)
     return {"published": report.published_rows, "failed": report.failed_rows}
 
 

@@ -749,15 +749,17 @@ def test_a_writer_that_found_the_flag_set_is_published_by_the_run_that_clears_it
     assert _holds_steady(lambda: _depth("relay") == 0), "nobody sent a wake-up"
 
 
-def test_a_writer_holding_the_barrier_too_long_leaves_its_row_to_beats_tick(
+def test_a_writer_holding_the_barrier_too_long_gets_one_follow_up_run(
     probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The clear gives up waiting after WAKE_BARRIER_TIMEOUT_MS: the run
-    publishes what is committed and leaves the flag set (the open writer
-    counts on a run that clears it), sending nothing itself, so that a long
-    transaction does not start a chain of runs that each wait on it. The next
-    run, beat's tick, clears the flag and publishes the writer's row."""
+    """The clear gives up waiting after WAKE_BARRIER_TIMEOUT_MS, at the start
+    and again once the outbox is drained: the run publishes what is committed,
+    leaves the flag set (the open writer counts on a run that clears it) and
+    sends one follow-up run. A follow-up that cannot clear either sends none,
+    so a long transaction starts no chain of runs; once the writer commits, a
+    run clears the flag and publishes its row."""
     monkeypatch.setattr(relay_module, "WAKE_BARRIER_TIMEOUT_MS", 100)
+    monkeypatch.setattr(relay_module, "FOLLOW_UP_SECONDS", 0)
     RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
     (committed,) = insert_events(1)
     writer = _OpenWriter()
@@ -771,11 +773,17 @@ def test_a_writer_holding_the_barrier_too_long_leaves_its_row_to_beats_tick(
         assert report.published_rows == 1, report
         assert event_ids(take_all(probe_queue)) == [committed]
         assert RelayWake.objects.get(id=1).requested, "not cleared while the writer is open"
-        assert _holds_steady(lambda: _depth("relay") == 0), "no follow-up run of its own"
+        wait_for(lambda: _depth("relay") >= 1, what="the follow-up run's message")
+        (follow_up,) = take_all("relay")
+        assert follow_up.headers["task"] == "eventing.relay"
+        assert json.loads(follow_up.body)[1] == {"follow_up": True}
+
+        assert relay_module.relay(max_seconds=10, follow_up=True).published_rows == 0
+        assert _holds_steady(lambda: _depth("relay") == 0), "a follow-up sends none"
     finally:
         writer.commit()
 
-    report = relay_module.relay(max_seconds=10)  # beat's next tick
+    report = relay_module.relay(max_seconds=10)  # the next run: beat's tick, say
 
     assert report.published_rows == 1, report
     assert event_ids(take_all(probe_queue)) == [writer.event_id]
