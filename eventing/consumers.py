@@ -759,10 +759,12 @@ def _apply_lanes(
         to_apply.extend(lane_rows)
     # Global store order across lanes; per lane that is version order.
     to_apply.sort(key=lambda row: row.position)
-    if to_apply and spec.preparers:
-        _prepare_batch(spec, to_apply)
     batched = spec.batched_rows_by_type()
     with unit_of_work() as uow:
+        # Inside the unit of work: what a preparer locks and loads
+        # (`rows.hold_locked`) is what the handlers then get.
+        if to_apply and spec.preparers:
+            _prepare_batch(spec, to_apply)
         prefetch_rows(batched, to_apply)
         for row in to_apply:
             apply_event(spec, row)

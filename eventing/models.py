@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from django.db import models
 from django.utils import timezone
 
-from . import context
+from . import context, rows
 from .events import DomainEvent
 
 
@@ -343,6 +343,8 @@ class EventSourcedModel(models.Model):
                 self.version = expected_version
                 raise
         self._pending_events = []
+        # A batch's later steps get this instance (eventing.rows).
+        rows.saved(self)
 
     def delete(self, *args: Any, **kwargs: Any) -> Any:
         raise EventEmissionRequired(

@@ -19,6 +19,16 @@ Invariants:
   one row and `put` saves it at once: the same handler code, unbatched.
 - Only handlers of the read model's projection may write its rows while a unit
   of work is open; others would be overwritten by its writes.
+
+Locked aggregates (`lock_aggregates`, `hold_locked`) are the write side's
+counterpart for a consumer's policies: a batch locks FOR UPDATE, in one query
+and in key order, the aggregates its handlers will change, and each handler
+gets the instance from memory instead of reading and locking it again (two
+round trips per event). Within a unit of work an aggregate is read at most
+once: the instance handed out carries every change the batch made, because
+every write of it goes through that instance (`EventSourcedModel.save()`
+keeps the saved instance, new rows included). Outside one, the same calls
+lock and read at once.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ class UnitOfWork:
     # (model label, key) -> the row, or None when it does not exist (yet).
     rows: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
     dirty: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+    # (model label, primary key) -> the aggregate locked FOR UPDATE in this
+    # transaction, or None when it does not exist (yet).
+    aggregates: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
 
 
 _current: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
@@ -136,6 +149,78 @@ class BatchedRows:
         slot = (self.label, str(getattr(row, self.key_field)))
         uow.rows[slot] = row
         uow.dirty[slot] = row
+
+
+def _aggregate_key(model: type[models.Model], pk: Any) -> str:
+    # The key's canonical text: "ABC..." and "abc..." name one UUID.
+    return str(model._meta.pk.to_python(pk))
+
+
+def lock_aggregates(model: type[models.Model], pks: Iterable[Any]) -> dict[str, Any]:
+    """The rows of `model` with these primary keys, locked FOR UPDATE until
+    the transaction ends: {canonical key: instance, or None if no such row}.
+
+    Inside a unit of work, keys already held come from memory (with the
+    batch's changes) and the rest are locked and read in one query, in key
+    order, so that two batches wanting the same rows queue rather than
+    deadlock; all of them are held for later calls. A key that is not valid
+    for the field raises django.core.exceptions.ValidationError."""
+    uow = _current.get()
+    label = model._meta.label
+    found: dict[str, Any] = {}
+    missing = set()
+    for pk in pks:
+        key = _aggregate_key(model, pk)
+        if uow is not None and (label, key) in uow.aggregates:
+            found[key] = uow.aggregates[(label, key)]
+        else:
+            missing.add(key)
+    if missing:
+        loaded = {
+            str(obj.pk): obj
+            for obj in model._default_manager.select_for_update()
+            .filter(pk__in=sorted(missing))
+            .order_by("pk")
+        }
+        for key in missing:
+            found[key] = loaded.get(key)
+            if uow is not None:
+                uow.aggregates[(label, key)] = found[key]
+    return found
+
+
+def lock_aggregate(model: type[models.Model], pk: Any) -> Any | None:
+    """One row of `model`, locked FOR UPDATE (see `lock_aggregates`), or None."""
+    return lock_aggregates(model, [pk])[_aggregate_key(model, pk)]
+
+
+def hold_locked(instances: Iterable[models.Model]) -> None:
+    """Keep instances the caller's transaction has just read with FOR UPDATE
+    (by a query of its own) for `lock_aggregates` to hand out; a no-op
+    outside a unit of work."""
+    uow = _current.get()
+    if uow is None:
+        return
+    for obj in instances:
+        uow.aggregates[(obj._meta.label, str(obj.pk))] = obj
+
+
+def hold_absent(model: type[models.Model], pks: Iterable[Any]) -> None:
+    """Record that the caller's transaction looked these keys up under lock
+    and found no row; a no-op outside a unit of work."""
+    uow = _current.get()
+    if uow is None:
+        return
+    for pk in pks:
+        uow.aggregates.setdefault((model._meta.label, _aggregate_key(model, pk)), None)
+
+
+def saved(instance: models.Model) -> None:
+    """An aggregate was written through this instance: later lookups in the
+    unit of work get it (a row inserted in the batch included)."""
+    uow = _current.get()
+    if uow is not None:
+        uow.aggregates[(instance._meta.label, str(instance.pk))] = instance
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,15 @@ def lock_stock(events: list[OrderPlaced | OrderCancelled | OrderShipped]) -> Non
     """The policies below lock stock items order by order; a batch takes
     them all first, in sku order, so that two batches queue instead of each
     holding an item the other waits for. Malformed lines and ids are left out
-    here: the policy's handler fails their lane, with the reason."""
-    skus, settled = [], []
+    here: the policy's handler fails their lane, with the reason. What it
+    locks (the items, the orders' reservations) the handlers get from memory."""
+    skus, order_ids = [], []
     for e in events:
         if isinstance(e, OrderPlaced):
             skus += _skus(e.lines)
-        elif _is_uuid(e.order_id):
-            settled.append(e.order_id)
-    services.stock_lock(skus=skus, reserved_for=settled)
+        if _is_uuid(e.order_id):
+            order_ids.append(e.order_id)
+    services.stock_lock(skus=skus, order_ids=order_ids)
 
 
 def _skus(lines: object) -> list[str]:

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from django.db import IntegrityError, connection, transaction
 
+from eventing import rows
 from eventing.context import atomic_step
 
 from . import events
@@ -65,15 +66,18 @@ def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
     and checked and changed in the same transaction."""
     order_uuid = uuid.UUID(order_id)
     with atomic_step():  # policies call this inside their batch's transaction
-        existing = Reservation.objects.filter(order_id=order_uuid).first()
+        # In a consumer's batch, `stock_lock` has locked and loaded both
+        # (eventing.rows): these come from memory.
+        existing = rows.lock_aggregate(Reservation, order_uuid)
         if existing is not None:
             return existing
         wanted: dict[str, int] = {}
         for line in lines:
             wanted[line["sku"]] = wanted.get(line["sku"], 0) + int(line["quantity"])
         items = {
-            item.sku: item
-            for item in StockItem.objects.select_for_update().filter(sku__in=wanted).order_by("sku")
+            sku: item
+            for sku, item in rows.lock_aggregates(StockItem, wanted).items()
+            if item is not None
         }
         reasons = []
         for sku, quantity in sorted(wanted.items()):
@@ -119,7 +123,7 @@ def reserve_for_order(*, order_id: str, lines: list[dict]) -> Reservation:
 
 
 _LOCK_STOCK_SQL = f"""
-SELECT sku FROM {StockItem._meta.db_table}
+SELECT * FROM {StockItem._meta.db_table}
 WHERE sku = ANY(%s::text[])
    OR sku IN (
        SELECT line ->> 'sku'
@@ -131,30 +135,31 @@ FOR UPDATE
 """  # noqa: S608 - the table names come from the models
 
 
-def stock_lock(*, skus: list[str], reserved_for: list[str]) -> None:
+def stock_lock(*, skus: list[str], order_ids: list[str]) -> None:
     """Caller holds a transaction. Lock, in sku order, the items of `skus` and
-    of the reservations of the orders `reserved_for`: the items a batch of
+    of the reservations of the orders `order_ids`: the items a batch of
     reservations, releases and commits will lock order by order. Taken
     first and in one order, two batches queue for them instead of each
-    holding some the other waits for."""
-    if not skus and not reserved_for:
+    holding some the other waits for. Then lock the orders' reservations,
+    in key order. In a consumer's batch both are kept for the handlers
+    (eventing.rows), which then read neither again."""
+    if not skus and not order_ids:
         return
-    with connection.cursor() as cursor:
-        cursor.execute(_LOCK_STOCK_SQL, [sorted(set(skus)), sorted(set(reserved_for))])
+    wanted_skus, wanted_orders = sorted(set(skus)), sorted(set(order_ids))
+    items = list(StockItem.objects.raw(_LOCK_STOCK_SQL, [wanted_skus, wanted_orders]))
+    rows.hold_locked(items)
+    rows.hold_absent(StockItem, set(wanted_skus) - {item.sku for item in items})
+    rows.lock_aggregates(Reservation, wanted_orders)
 
 
 def _settle_reservation(*, order_id: str, commit: bool) -> Reservation | None:
     """Release (cancel) or commit (ship) a reservation; a no-op when there is
     nothing reserved, e.g. the order was rejected or already released."""
     with atomic_step():  # policies call this inside their batch's transaction
-        reservation = Reservation.objects.select_for_update().filter(order_id=order_id).first()
+        reservation = rows.lock_aggregate(Reservation, order_id)
         if reservation is None or reservation.status != Reservation.Status.RESERVED:
             return reservation
-        skus = sorted(line["sku"] for line in reservation.lines)
-        items = {
-            item.sku: item
-            for item in StockItem.objects.select_for_update().filter(sku__in=skus).order_by("sku")
-        }
+        items = rows.lock_aggregates(StockItem, (line["sku"] for line in reservation.lines))
         for line in reservation.lines:
             item = items[line["sku"]]
             item.reserved -= line["quantity"]

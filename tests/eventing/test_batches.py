@@ -24,7 +24,7 @@ from eventing.consumers import (
     process_batch,
     registry,
 )
-from eventing.models import Checkpoint, ConsumerState, DeadLetter
+from eventing.models import Checkpoint, ConsumerState, DeadLetter, StoredEvent
 from orders.events import OrderCancelled, OrderConfirmed, OrderPlaced
 from orders.models import OrderSummary
 
@@ -324,3 +324,72 @@ def test_a_failing_before_batch_step_fails_only_its_lane(db: None) -> None:
     assert f"order {bad} refused" in str(failure.error)
     applied = set(OrderSummary.objects.values_list("order_id", flat=True))
     assert {str(i) for i in applied} == {e["aggregateid"] for e in envelopes} - {bad}
+
+
+def _reads(queries: CaptureQueriesContext, table: str) -> int:
+    """SELECTs of `table`'s rows (a subquery of another table's SELECT aside)."""
+    return sum(
+        1
+        for q in queries.captured_queries
+        if q["sql"].lstrip().startswith("SELECT")
+        and (f'FROM "{table}"' in q["sql"] or f"FROM {table}\n" in q["sql"])
+    )
+
+
+def test_the_sagas_policies_read_each_aggregate_once_per_batch(db: None) -> None:
+    """A batch locks and reads the aggregates its policies change in one
+    query (`before_batch`), and the policies take them from memory: the
+    reads do not grow with the batch, and each more order costs inventory
+    and orders two statements each (a row write and its append). What comes
+    out is what order-by-order processing gave: every order reserved, the
+    stock counted once per line, every order confirmed."""
+    from inventory.models import Reservation, StockItem
+    from orders.models import CatalogItem, Order
+    from orders.services import order_place
+
+    from ..factories import UserFactory, stock_item
+
+    customer_id = UserFactory().pk
+    for sku in ("S1", "S2"):
+        stock_item(sku, on_hand=100)
+        CatalogItem.objects.create(sku=sku, name=sku, unit_price="2.00")
+
+    def saga(n: int) -> tuple[CaptureQueriesContext, CaptureQueriesContext, list[str]]:
+        lines = [{"sku": "S1", "quantity": 1}, {"sku": "S2", "quantity": 2}]
+        orders = [order_place(customer_id=customer_id, lines=lines) for _ in range(n)]
+        ids = [str(order.pk) for order in orders]
+        placed = StoredEvent.objects.filter(aggregate_id__in=ids, event_type="orders.OrderPlaced")
+        with CaptureQueriesContext(connection) as inventory_queries:
+            outcome = process_batch("inventory", [e.envelope() for e in placed])
+        assert (outcome.applied, outcome.failed) == (n, [])
+        reserved = StoredEvent.objects.filter(
+            aggregate_id__in=ids, event_type="inventory.StockReserved"
+        ).order_by("position")
+        assert reserved.count() == n
+        with CaptureQueriesContext(connection) as orders_queries:
+            outcome = process_batch("orders", [e.envelope() for e in reserved])
+        assert (outcome.applied, outcome.failed) == (n, [])
+        return inventory_queries, orders_queries, ids
+
+    small_inventory, small_orders, small_ids = saga(2)
+    large_inventory, large_orders, large_ids = saga(6)
+
+    ids = small_ids + large_ids
+    assert Reservation.objects.filter(order_id__in=ids, status="RESERVED").count() == 8
+    assert {i.sku: (i.on_hand, i.reserved) for i in StockItem.objects.all()} == {
+        "S1": (100, 8),
+        "S2": (100, 16),
+    }
+    assert set(Order.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"CONFIRMED"}
+    for table, small, large in [
+        ("inventory_stockitem", small_inventory, large_inventory),
+        ("inventory_reservation", small_inventory, large_inventory),
+        ("orders_order", small_orders, large_orders),
+    ]:
+        assert _reads(small, table) == _reads(large, table) == 1, (
+            table,
+            [q["sql"][:90] for q in large.captured_queries],
+        )
+    for small, large in [(small_inventory, large_inventory), (small_orders, large_orders)]:
+        per_order = (len(large) - len(small)) / 4
+        assert per_order <= 2, [q["sql"][:90] for q in large.captured_queries]
