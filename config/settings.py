@@ -195,6 +195,7 @@ CELERY_TASK_CREATE_MISSING_QUEUES = False
 CELERY_TASK_ROUTES = {
     "eventing.relay": {"queue": EVENTING_RELAY_QUEUE},
     "notifications.send": {"queue": f"{EVENTING_QUEUE_PREFIX}notifications"},
+    "notifications.send_batch": {"queue": f"{EVENTING_QUEUE_PREFIX}notifications"},
     "notifications.send_unsent": {"queue": f"{EVENTING_QUEUE_PREFIX}notifications"},
 }
 CELERY_TASK_SERIALIZER = "json"

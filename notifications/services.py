@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Sequence
 
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mail
@@ -45,10 +47,36 @@ def notification_record(
     )
     if not _insert_unless_recorded(notification):
         return Notification.objects.get(source_event_id=notification.source_event_id)
-    from .tasks import send_notification
-
-    after_commit(lambda: send_notification.delay(notification.pk))
+    _send_after_commit(notification.pk)
     return notification
+
+
+class _SendAfterCommit:
+    """The notifications recorded at one savepoint level of a transaction,
+    sent by one task once it commits: a consumer's batch that records fifty
+    notifications sends one message, not fifty."""
+
+    def __init__(self) -> None:
+        self.notification_ids: list[int] = []
+
+    def __call__(self) -> None:
+        from .tasks import send_notifications
+
+        send_notifications.delay(self.notification_ids)
+
+
+def _send_after_commit(notification_id: int) -> None:
+    # Joined to the callback registered at this very savepoint level, if any:
+    # Django drops a callback with the savepoint it was registered in, so a
+    # rolled-back savepoint takes exactly its own notifications with it.
+    level = set(connection.savepoint_ids)
+    for savepoints, func, _robust in getattr(connection, "run_on_commit", []):
+        if isinstance(func, _SendAfterCommit) and savepoints == level:
+            func.notification_ids.append(notification_id)
+            return
+    batch = _SendAfterCommit()
+    batch.notification_ids.append(notification_id)
+    after_commit(batch)
 
 
 _INSERT_FIELDS = [f for f in Notification._meta.concrete_fields if not f.primary_key]
@@ -79,28 +107,61 @@ def _insert_unless_recorded(notification: Notification) -> bool:
 
 
 def notification_send(*, notification_id: int) -> bool:
-    """Send once: the row lock and `sent_at` make a redelivered send a no-op.
-    Returns whether this call sent it.
+    """Send one notification (see `notifications_send`). Returns whether this
+    call sent it; raises the mail's error if it failed."""
+    outcome = notifications_send([notification_id])
+    if notification_id in outcome.failed:
+        raise outcome.failed[notification_id]
+    return notification_id in outcome.sent
 
-    The mail leaves inside the transaction that marks it sent and appends
-    CustomerNotified: if the mail fails, nothing is marked or appended and the
-    task retries. A crash between the mail and the commit sends it again on
-    the next try: email is at-least-once, the inbox record exactly once.
+
+@dataclasses.dataclass
+class SendOutcome:
+    sent: list[int]  # sent by this call
+    failed: dict[int, Exception]  # the mail failed: nothing of theirs was kept
+
+
+def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
+    """Send each of these notifications at most once: the row lock and
+    `sent_at` make a redelivered send a no-op.
+
+    One transaction for all of them, a handful of statements whatever their
+    number, plus one append per notification about an order: their rows
+    locked, the recipients read, the order streams locked and their heads
+    read; then each mail leaves and its CustomerNotified is appended; last,
+    the sent ones are marked. A mail that fails keeps nothing of its own (no
+    mark, no event) and is reported in `failed` for the caller to retry; the
+    others go on. Email is at-least-once: a crash after a mail and before
+    the commit sends it again on the next try (and every mail of the call
+    with it), and the inbox record and its event stay exactly-once.
     """
+    outcome = SendOutcome(sent=[], failed={})
     with transaction.atomic():
-        notification = Notification.objects.select_for_update().get(pk=notification_id)
-        if notification.sent_at is not None:
-            return False
-        if notification.order_id is not None:
-            _append_customer_notified(notification)
-        recipients = _recipients(notification)
-        if recipients:
-            send_mail(notification.subject, notification.body, None, recipients)
-        notification.sent_at = timezone.now()
-        notification.send_attempts += 1
-        notification.last_error = ""
-        notification.save(update_fields=["sent_at", "send_attempts", "last_error"])
-    return True
+        unsent = list(
+            Notification.objects.select_for_update()
+            .filter(pk__in=notification_ids, sent_at__isnull=True)
+            .order_by("pk")
+        )
+        if not unsent:
+            return outcome
+        recipients = _recipients(unsent)
+        heads = _lock_order_streams(unsent)
+        for notification in unsent:
+            to = recipients.get(notification.customer_id, [])
+            try:
+                if to:
+                    send_mail(notification.subject, notification.body, None, to)
+            except Exception as exc:
+                outcome.failed[notification.pk] = exc
+                continue
+            if notification.order_id is not None:
+                _append_customer_notified(notification, heads)
+            outcome.sent.append(notification.pk)
+        if outcome.sent:
+            Notification.objects.filter(pk__in=outcome.sent).update(
+                sent_at=timezone.now(), send_attempts=F("send_attempts") + 1, last_error=""
+            )
+    return outcome
 
 
 def notification_send_failed(*, notification_id: int, error: str) -> None:
@@ -110,38 +171,67 @@ def notification_send_failed(*, notification_id: int, error: str) -> None:
     )
 
 
-# The order's notification stream locked, then its head version and the
-# source event's correlation id and chain depth (NULL if it is not stored).
-_LOCK_STREAM_SQL = f"""
-SELECT pg_advisory_xact_lock(hashtext(%s));
+# The orders' notification streams locked (in key order, so two sends queue
+# rather than deadlock), then, per notification, its stream's head version
+# and its source event's correlation id and chain depth (NULL if it is not
+# stored). Two statements: the SELECT's snapshot is taken once the locks are
+# held, so it sees the previous holders' appends.
+_LOCK_STREAMS_SQL = f"""
+SELECT pg_advisory_xact_lock(k) FROM (
+    SELECT DISTINCT hashtext('notify:' || order_id) AS k
+    FROM unnest(%s::text[]) AS order_id ORDER BY 1) AS wanted;
 SELECT
+    n.order_id,
+    n.source_event_id::text,
     COALESCE((SELECT max(version) FROM {StoredEvent._meta.db_table}
-              WHERE aggregate_type = %s AND aggregate_id = %s), 0),
+              WHERE aggregate_type = %s AND aggregate_id = n.order_id), 0),
     source.correlation_id,
     source.chain_depth
-FROM (SELECT 1) AS one
-LEFT JOIN {StoredEvent._meta.db_table} AS source ON source.event_id = %s
+FROM unnest(%s::text[], %s::uuid[]) AS n(order_id, source_event_id)
+LEFT JOIN {StoredEvent._meta.db_table} AS source ON source.event_id = n.source_event_id
 """  # noqa: S608 - the table name comes from the model
 
 
-def _append_customer_notified(notification: Notification) -> None:
-    """Caller holds the transaction. The order's notification stream has one
-    writer at a time: an advisory lock on the order id serialises them, so the
-    head read here is the version the append expects."""
-    order_id = str(notification.order_id)
+@dataclasses.dataclass
+class _Stream:
+    head: int
+    # source event id -> (correlation id, chain depth), None if not stored
+    sources: dict[str, tuple[str, int] | None]
+
+
+def _lock_order_streams(notifications: list[Notification]) -> dict[str, _Stream]:
+    """Caller holds the transaction. Each order's notification stream has one
+    writer at a time: an advisory lock on the order id serialises them, so
+    the heads read here are the versions the appends expect."""
+    about_orders = [n for n in notifications if n.order_id is not None]
+    if not about_orders:
+        return {}
+    order_ids = [str(n.order_id) for n in about_orders]
     with connection.cursor() as cursor:
-        # One round trip, two statements: the head is read in a snapshot
-        # taken once the lock is held, so it sees the previous holder's append.
         cursor.execute(
-            _LOCK_STREAM_SQL,
+            _LOCK_STREAMS_SQL,
             [
-                f"notify:{order_id}",
+                order_ids,
                 events.ORDER_NOTIFICATIONS,
-                order_id,
-                notification.source_event_id,
+                order_ids,
+                [n.source_event_id for n in about_orders],
             ],
         )
-        head, correlation_id, source_depth = cursor.fetchone()
+        streams: dict[str, _Stream] = {}
+        for order_id, source_event_id, head, correlation_id, depth in cursor.fetchall():
+            stream = streams.setdefault(order_id, _Stream(head=head, sources={}))
+            stream.sources[source_event_id] = (
+                (correlation_id, depth) if correlation_id is not None else None
+            )
+    return streams
+
+
+def _append_customer_notified(notification: Notification, streams: dict[str, _Stream]) -> None:
+    """Caller holds the stream's lock (`_lock_order_streams`)."""
+    order_id = str(notification.order_id)
+    stream = streams[order_id]
+    source = stream.sources.get(str(notification.source_event_id))
+    correlation_id, source_depth = source if source is not None else (None, None)
     with context.scope(
         correlation_id=correlation_id,
         causation_id=str(notification.source_event_id),
@@ -151,7 +241,7 @@ def _append_customer_notified(notification: Notification) -> None:
         store.append(
             aggregate_type=events.ORDER_NOTIFICATIONS,
             aggregate_id=order_id,
-            expected_version=head,
+            expected_version=stream.head,
             events=[
                 events.CustomerNotified(
                     order_id=order_id,
@@ -161,6 +251,7 @@ def _append_customer_notified(notification: Notification) -> None:
                 )
             ],
         )
+    stream.head += 1
 
 
 def notifications_unsent(*, older_than_seconds: float) -> list[int]:
@@ -174,13 +265,20 @@ def notifications_unsent(*, older_than_seconds: float) -> list[int]:
     )
 
 
-def _recipients(notification: Notification) -> list[str]:
+def _recipients(notifications: list[Notification]) -> dict[int | None, list[str]]:
+    """Customer id (None: staff) -> the addresses to send to."""
     user_model = get_user_model()
-    if notification.customer_id is None:
-        return list(
+    customer_ids = {n.customer_id for n in notifications if n.customer_id is not None}
+    found: dict[int | None, list[str]] = {
+        pk: [email]
+        for pk, email in user_model.objects.filter(pk__in=customer_ids)
+        .exclude(email="")
+        .values_list("pk", "email")
+    }
+    if any(n.customer_id is None for n in notifications):
+        found[None] = list(
             user_model.objects.filter(is_staff=True, is_active=True)
             .exclude(email="")
             .values_list("email", flat=True)
         )
-    email = user_model.objects.filter(pk=notification.customer_id).values_list("email", flat=True)
-    return [e for e in email if e]
+    return found

@@ -15,9 +15,31 @@ handle_event = consumer_task("notifications")
 def send_unsent() -> int:
     """Beat's sweep: on_commit is a hint, not a delivery guarantee."""
     unsent = services.notifications_unsent(older_than_seconds=30)
-    for notification_id in unsent:
-        send_notification.delay(notification_id)
+    if unsent:
+        send_notifications.delay(unsent)
     return len(unsent)
+
+
+@shared_task(
+    name="notifications.send_batch",
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+    max_retries=8,
+)
+def send_notifications(self: Any, notification_ids: list[int]) -> None:
+    """Send what a transaction recorded, in one transaction. A notification
+    whose mail fails is recorded and goes on alone as `notifications.send`,
+    with its retries and backoff; the others are not held up. If the batch
+    fails as a whole (the database), it is retried; a redelivered batch sends
+    only what is still unsent."""
+    try:
+        outcome = services.notifications_send(notification_ids)
+    except Exception as exc:
+        raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
+    for notification_id, error in outcome.failed.items():
+        services.notification_send_failed(notification_id=notification_id, error=repr(error))
+        send_notification.apply_async((notification_id,), countdown=1)
 
 
 @shared_task(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.core import mail
+from django.db import connection, transaction
 from django.utils import timezone
 
 from eventing.consumers import EventMeta
@@ -116,3 +117,70 @@ def test_recording_the_same_event_twice_keeps_one_row_and_sends_once(
     assert (row.pk, row.body, row.created_at, row.sent_at) == (first.pk, "first", meta.time, None)
     assert row.recorded_at is not None
     assert (len(first_callbacks), len(second_callbacks)) == (1, 0)
+
+
+def test_one_transaction_sends_its_notifications_in_one_go_and_a_failed_mail_keeps_nothing(
+    db: None, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """What one transaction (a consumer's batch) records leaves in one
+    message; the send handles them together: a mail that fails is reported
+    and keeps nothing (no mark, no event), the others are sent and get their
+    CustomerNotified, two of one order one after the other in its stream."""
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    customers = [UserFactory(), UserFactory(), UserFactory()]
+    orders = [str(uuid.uuid4()) for _ in customers]
+    recorded = []
+    # Four notifications in one transaction: the first order twice (confirmed, shipped).
+    with transaction.atomic():
+        for customer, order_id, kind in [
+            (customers[0], orders[0], "order_confirmed"),
+            (customers[1], orders[1], "order_confirmed"),
+            (customers[2], orders[2], "order_confirmed"),
+            (customers[0], orders[0], "order_shipped"),
+        ]:
+            recorded.append(
+                services.notification_record(
+                    meta=_meta(order_id),
+                    kind=kind,
+                    customer_id=customer.pk,
+                    subject=kind,
+                    body=f"Order {order_id}",
+                    order_id=order_id,
+                )
+            )
+        callbacks = [func for _, func, _ in connection.run_on_commit]
+    [send] = callbacks
+    assert send.notification_ids == [n.pk for n in recorded]
+
+    real_send_mail = services.send_mail
+
+    def smtp_refuses_the_second(subject: str, body: str, sender: Any, to: list[str]) -> int:
+        if to == [customers[1].email]:
+            raise ConnectionRefusedError("mailbox unavailable")
+        return real_send_mail(subject, body, sender, to)
+
+    monkeypatch.setattr(services, "send_mail", smtp_refuses_the_second)
+    outcome = services.notifications_send(send.notification_ids)
+
+    first, second, third, shipped = (n.pk for n in recorded)
+    assert outcome.sent == [first, third, shipped]
+    assert list(outcome.failed) == [second]
+    assert "mailbox unavailable" in str(outcome.failed[second])
+    sent = dict(Notification.objects.values_list("pk", "sent_at"))
+    assert sent[second] is None and all(sent[pk] for pk in (first, third, shipped))
+    assert sorted(m.to[0] for m in mail.outbox) == sorted(
+        [customers[0].email, customers[2].email, customers[0].email]
+    )
+    notified = StoredEvent.objects.filter(event_type="notifications.CustomerNotified")
+    assert sorted((e.aggregate_id, e.version, e.payload["kind"]) for e in notified) == sorted(
+        [
+            (orders[0], 1, "order_confirmed"),
+            (orders[0], 2, "order_shipped"),
+            (orders[2], 1, "order_confirmed"),
+        ]
+    )
+    # Sent again (a redelivered batch): only the failed one is tried, and it goes now.
+    monkeypatch.setattr(services, "send_mail", real_send_mail)
+    again = services.notifications_send(send.notification_ids)
+    assert (again.sent, again.failed) == ([second], {})
+    assert notified.filter(aggregate_id=orders[1]).count() == 1
