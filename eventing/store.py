@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -84,11 +85,14 @@ def append(
     # Outside a consumer's handler the append joins the relay's wake-up
     # barrier; a handler's batch transaction can last long enough to hold up
     # a relay run's start, so it asks for a wake-up after commit.
-    sql, params = _append_statement(rows, barrier=not ctx.in_handler)
+    barrier = not ctx.in_handler
+    sql, params = _append_statement(rows, barrier=barrier)
     try:
         returned = None
         if along_with is not None:
-            alongside = _AppendAlongside(table, key, sql, params)
+            alongside = _AppendAlongside(
+                table, key, sql, params, after_update=_append_after_update(rows, barrier=barrier)
+            )
             with connection.execute_wrapper(alongside):
                 along_with()
             returned = alongside.returned
@@ -115,41 +119,72 @@ def append(
 
 
 class _AppendAlongside:
-    """A Django execute wrapper: the first plain INSERT into `table` goes to
-    the server with the append after it, in one query string, so placing a
-    new aggregate costs no round trip for its events.
+    """A Django execute wrapper: the aggregate's own row write goes to the
+    server with the append, in one query string, so saving an aggregate with
+    events costs no round trip for them.
 
-    Only an INSERT without RETURNING qualifies: Django then reads nothing back
-    from the cursor, and psycopg2 keeps the last statement's rows, the
-    append's, which are read here. It must carry the aggregate's key among
-    its values: another row of the table written meanwhile (by a signal, say)
-    does not take the events. Anything else passes through untouched and the
-    append runs on its own. Either statement failing fails the query string,
-    so the row and its events still go in together or not at all."""
+    Two writes qualify, and only the first of them:
+    - a plain INSERT into `table` without RETURNING: the append follows it as
+      a second statement. Django reads nothing back from the cursor, and
+      psycopg2 keeps the last statement's rows, the append's, read here.
+    - an UPDATE of `table` without RETURNING: it becomes the first CTE of
+      the append (`after_update`), whose events are written only if it
+      changed a row. The cursor's row count, which Django reads to see
+      whether the UPDATE found the row, is then the number of events
+      appended: none when it did not, and Django goes on as it would (an
+      INSERT, or its error), the append riding on that INSERT or following.
+    Either must carry the aggregate's key among its values: another row of
+    the table written meanwhile (by a signal, say) does not take the events.
+    Anything else passes through untouched and the append runs on its own.
+    Either statement failing fails the query string, so the row and its
+    events still go in together or not at all."""
 
-    def __init__(self, table: str, key: object, sql: str, params: Sequence[object]) -> None:
-        self.prefix = f"INSERT INTO {connection.ops.quote_name(table)} " if table else None
+    def __init__(
+        self,
+        table: str,
+        key: object,
+        sql: str,
+        params: Sequence[object],
+        *,
+        after_update: _AfterUpdate | None = None,
+    ) -> None:
+        quoted = connection.ops.quote_name(table) if table else ""
+        self.insert_prefix = f"INSERT INTO {quoted} " if table else None
+        # A prefix to recognise Django's statement by, never executed itself.
+        self.update_prefix = f"UPDATE {quoted} SET " if table else None  # noqa: S608
         self.key = key
         self.sql = sql
         self.params = params
+        self.after_update = after_update
         self.returned: list[tuple] | None = None
 
     def __call__(
         self, execute: Callable, sql: str, params: Any, many: bool, context: dict[str, Any]
     ) -> object:
-        qualifies = (
-            self.returned is None
-            and self.prefix is not None
-            and not many
-            and sql.startswith(self.prefix)
-            and " RETURNING " not in sql
-            and self.key in (params or ())
-        )
-        if not qualifies:
+        if (
+            self.returned is not None
+            or self.insert_prefix is None
+            or many
+            or " RETURNING " in sql
+            or self.key not in (params or ())
+        ):
             return execute(sql, params, many, context)
-        result = execute(f"{sql};\n{self.sql}", (*(params or ()), *self.params), many, context)
-        self.returned = context["cursor"].fetchall()
-        return result
+        if sql.startswith(self.insert_prefix):
+            result = execute(f"{sql};\n{self.sql}", (*(params or ()), *self.params), many, context)
+            self.returned = context["cursor"].fetchall()
+            return result
+        if self.after_update is not None and sql.startswith(str(self.update_prefix)):
+            update = self.after_update
+            result = execute(
+                f"{update.head}{sql}{update.tail}",
+                (*update.head_params, *(params or ()), *update.tail_params),
+                many,
+                context,
+            )
+            # No rows: the UPDATE found no row and nothing was appended.
+            self.returned = context["cursor"].fetchall() or None
+            return result
+        return execute(sql, params, many, context)
 
 
 # The relay's wake-up barrier (see `eventing.relay`): a writer that finds the
@@ -174,11 +209,11 @@ WAKE_BARRIER_KEY = (0x52454C41 << 32) | 0x57414B45  # "RELA" "WAKE"
 # `available_at` with: an application clock running ahead would hold rows
 # back by as much.
 _APPEND_SQL = """{barrier}
-WITH appended AS (
+WITH {updated}appended AS (
     INSERT INTO eventing_storedevent (
         event_id, aggregate_type, aggregate_id, version, event_type, schema_version, payload,
         source, time, correlation_id, causation_id, traceparent, actor, chain_depth)
-    VALUES {rows}
+    {rows}
     RETURNING position, event_id
 ), queued AS (
     INSERT INTO eventing_outboxmessage (
@@ -206,9 +241,51 @@ _RELAY_WILL_LOOK_SQL = (
 def _append_sql(n_events: int, barrier: bool) -> str:
     return _APPEND_SQL.format(
         barrier=_TRY_BARRIER_SQL if barrier else "",
-        rows=", ".join([_APPEND_ROW] * n_events),
+        updated="",
+        rows="VALUES " + ", ".join([_APPEND_ROW] * n_events),
         relay_will_look=_RELAY_WILL_LOOK_SQL if barrier else "false",
     )
+
+
+# The append after an UPDATE of the aggregate's row, which becomes its first
+# CTE: the events are inserted only if the UPDATE changed a row. Selected
+# from a VALUES list, whose columns take their types from the values, not
+# from the table: the payload's JSON text needs its cast.
+_UPDATE_MARK = "\x00update\x00"
+_APPEND_ROW_FROM_SELECT = "(" + ", ".join(["%s"] * 6 + ["%s::jsonb"] + ["%s"] * 7) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class _AfterUpdate:
+    """The append as `head` + <the UPDATE> + `tail`, with its parameters
+    around the UPDATE's own."""
+
+    head: str
+    tail: str
+    head_params: tuple[object, ...]
+    tail_params: tuple[object, ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _append_after_update_sql(n_events: int, barrier: bool) -> tuple[str, str]:
+    sql = _APPEND_SQL.format(
+        barrier=_TRY_BARRIER_SQL if barrier else "",
+        updated=f"updated AS ({_UPDATE_MARK} RETURNING 1), ",
+        rows=(  # constant text: placeholders only
+            "SELECT * FROM (VALUES "  # noqa: S608
+            + ", ".join([_APPEND_ROW_FROM_SELECT] * n_events)
+            + ") AS v WHERE EXISTS (SELECT 1 FROM updated)"
+        ),
+        relay_will_look=_RELAY_WILL_LOOK_SQL if barrier else "false",
+    )
+    head, tail = sql.split(_UPDATE_MARK)
+    return head, tail
+
+
+def _append_after_update(rows: list[StoredEvent], *, barrier: bool) -> _AfterUpdate:
+    head, tail = _append_after_update_sql(len(rows), barrier)
+    params = _event_params(rows)
+    return _AfterUpdate(head, tail, (WAKE_BARRIER_KEY,) if barrier else (), tuple(params))
 
 
 # Server-side prepared appends. Parsing and planning the append's statement
@@ -261,6 +338,14 @@ def _append_statement(rows: list[StoredEvent], *, barrier: bool) -> tuple[str, l
     # psycopg2 interpolates the values into the statement's text on the
     # client, so no limit on the number of parameters applies.
     params: list[object] = [WAKE_BARRIER_KEY] if barrier else []
+    params += _event_params(rows)
+    sql = _prepared_sql(len(rows), barrier) or _append_sql(len(rows), barrier)
+    return sql, params
+
+
+def _event_params(rows: list[StoredEvent]) -> list[object]:
+    """The values of the rows, in the order of the INSERT's columns."""
+    params: list[object] = []
     for r in rows:
         params += (
             r.event_id,
@@ -278,8 +363,7 @@ def _append_statement(rows: list[StoredEvent], *, barrier: bool) -> tuple[str, l
             r.actor,
             r.chain_depth,
         )
-    sql = _prepared_sql(len(rows), barrier) or _append_sql(len(rows), barrier)
-    return sql, params
+    return params
 
 
 def load_stream(

@@ -117,6 +117,52 @@ def test_placing_an_order_sends_its_row_and_its_events_in_one_round_trip(db: Non
     assert Order.objects.get(pk=order.pk).version == 1
 
 
+def test_an_update_with_events_sends_the_row_and_its_events_in_one_round_trip(
+    placed_order: Order,
+) -> None:
+    """The aggregate's UPDATE becomes the first step of the append's
+    statement: one statement writes the row, the event and its outbox row."""
+    order = Order.objects.get(pk=placed_order.pk)
+    order.confirm()
+    with CaptureQueriesContext(connection) as captured, transaction.atomic():
+        order.save()
+
+    writes = [q["sql"] for q in captured.captured_queries if "UPDATE" in q["sql"]]
+    assert len(writes) == 1, [q["sql"][:80] for q in captured.captured_queries]
+    assert 'WITH updated AS (UPDATE "orders_order" SET ' in writes[0]
+    assert "INSERT INTO eventing_storedevent" in writes[0]
+    [confirmed] = StoredEvent.objects.filter(
+        aggregate_id=str(order.pk), event_type="orders.OrderConfirmed"
+    )
+    assert confirmed.version == 2 == order.version
+    assert OutboxMessage.objects.filter(event=confirmed).count() == 1
+    stored = Order.objects.get(pk=order.pk)
+    assert (stored.status, stored.version) == ("CONFIRMED", 2)
+
+
+def test_an_update_that_finds_no_row_appends_nothing_until_the_insert_after_it(
+    placed_order: Order,
+) -> None:
+    """Should the UPDATE find no row (deleted behind the instance's back),
+    its events are not written with it; Django then inserts the row, as a
+    plain save() does, and the events go with that INSERT, once."""
+    order = Order.objects.get(pk=placed_order.pk)
+    with connection.cursor() as cursor:
+        cursor.execute('DELETE FROM "orders_order" WHERE id = %s', [order.pk])
+    order.confirm()
+    with CaptureQueriesContext(connection) as captured, transaction.atomic():
+        order.save()
+
+    statements = [q["sql"] for q in captured.captured_queries]
+    assert any(sql.startswith('INSERT INTO "orders_order"') for sql in statements), statements
+    assert list(
+        StoredEvent.objects.filter(aggregate_id=str(order.pk))
+        .order_by("version")
+        .values_list("event_type", "version")
+    ) == [("orders.OrderPlaced", 1), ("orders.OrderConfirmed", 2)]
+    assert Order.objects.get(pk=order.pk).status == "CONFIRMED"
+
+
 def test_a_new_aggregate_whose_stream_exists_is_refused_with_a_concurrency_error(
     db: None,
 ) -> None:
