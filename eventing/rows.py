@@ -38,7 +38,7 @@ import contextvars
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from django.db import connection, models
@@ -53,6 +53,8 @@ class UnitOfWork:
     # (model label, primary key) -> the aggregate locked FOR UPDATE in this
     # transaction, or None when it does not exist (yet).
     aggregates: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+    # key -> an accumulated write (see `deferred`), run with the rows' writes.
+    deferred: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _current: contextvars.ContextVar[UnitOfWork | None] = contextvars.ContextVar(
@@ -230,16 +232,49 @@ class Statement:
     slots: tuple[tuple[str, str], ...]  # the (model label, key) of each row written
 
 
+class DeferredWrite(Protocol):
+    def statement(self) -> Statement | None:
+        """The one statement that makes every write accumulated so far."""
+        ...
+
+
+W = TypeVar("W", bound=DeferredWrite)
+
+
+def deferred(key: str, factory: Callable[[], W]) -> W | None:
+    """Inside a unit of work, the accumulator `key` (made by `factory` on
+    first use) of a write that runs once, with the batched rows' writes
+    before the unit's commit (`take_dirty`): a handler that changes a row
+    per event adds its change to it instead of writing. None outside a unit
+    of work: the caller writes at once.
+
+    Only for writes nothing in the unit reads back from the database before
+    it ends (rows the unit holds locked, or additive changes), and that
+    commute with any other write of those rows in the unit."""
+    uow = _current.get()
+    if uow is None:
+        return None
+    write = uow.deferred.get(key)
+    if write is None:
+        write = uow.deferred[key] = factory()
+    return write
+
+
 def take_dirty(uow: UnitOfWork, read_models: Iterable[BatchedRows]) -> list[Statement]:
     """The statements that write the changed rows as they are now (serialized
-    here: later changes to the instances are not in them), and the rows marked
-    clean. Replay runs them on another thread while it folds the next chunk."""
+    here: later changes to the instances are not in them), then the deferred
+    writes (`deferred`), and the rows marked clean. Replay runs them on
+    another thread while it folds the next chunk."""
     statements = []
     for rows in read_models:
         slots = sorted(slot for slot in uow.dirty if slot[0] == rows.label)
         if not slots:
             continue
         statements.append(_upsert(rows, slots, [uow.dirty.pop(slot) for slot in slots]))
+    for key in sorted(uow.deferred):
+        statement = uow.deferred.pop(key).statement()
+        if statement is not None:
+            statements.append(statement)
     return statements
 
 

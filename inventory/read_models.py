@@ -5,7 +5,9 @@ from __future__ import annotations
 from django.db import connection
 from django.db.models import F
 
+from eventing import rows
 from eventing.consumers import Projection, ReadModel
+from eventing.rows import Statement
 
 from .models import StockLevel
 
@@ -36,21 +38,43 @@ WHERE level.sku = delta.sku
 """  # noqa: S608 - the table name comes from the model
 
 
+class _LevelDeltas:
+    """The level changes of a batch's (or a replay chunk's) events, written
+    in one statement before it commits. Additions commute, and the levels'
+    rows are locked for the batch (`levels_lock`) or the consumer paused
+    (replay), so writing them last gives the same rows."""
+
+    def __init__(self) -> None:
+        self.skus: list[str] = []
+        self.on_hand: list[int] = []
+        self.reserved: list[int] = []
+
+    def add(self, skus: list[str], on_hand: list[int], reserved: list[int]) -> None:
+        self.skus += skus
+        self.on_hand += on_hand
+        self.reserved += reserved
+
+    def statement(self) -> Statement | None:
+        if not self.skus:
+            return None
+        return Statement(_LEVELS_ADJUST_SQL, [self.skus, self.on_hand, self.reserved], ())
+
+
 def levels_adjust(lines: list[dict], *, on_hand: int = 0, reserved: int = 0) -> None:
     """Each line's quantity times `on_hand` and `reserved` added to its SKU's
-    level: one statement for all the lines of an event (a line per SKU would
-    be a round trip each)."""
+    level: in a batch, one statement for all its events' lines, before it
+    commits; alone, one for the lines of this event."""
     if not lines:
         return
+    skus = [line["sku"] for line in lines]
+    on_hands = [on_hand * int(line["quantity"]) for line in lines]
+    reserveds = [reserved * int(line["quantity"]) for line in lines]
+    deltas = rows.deferred("inventory.stock_levels", _LevelDeltas)
+    if deltas is not None:
+        deltas.add(skus, on_hands, reserveds)
+        return
     with connection.cursor() as cursor:
-        cursor.execute(
-            _LEVELS_ADJUST_SQL,
-            [
-                [line["sku"] for line in lines],
-                [on_hand * int(line["quantity"]) for line in lines],
-                [reserved * int(line["quantity"]) for line in lines],
-            ],
-        )
+        cursor.execute(_LEVELS_ADJUST_SQL, [skus, on_hands, reserveds])
 
 
 def levels_lock(skus: list[str]) -> None:

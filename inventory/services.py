@@ -192,12 +192,40 @@ WHERE item.sku = new.sku
 """  # noqa: S608 - the table name comes from the model
 
 
+class _StockWrites:
+    """The items a batch changed without an event, written as they are at
+    its end, in one statement. They are locked for the batch, and the batch
+    reads them from memory (eventing.rows), never back from the table."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, StockItem] = {}
+
+    def statement(self) -> rows.Statement | None:
+        if not self.items:
+            return None
+        items = list(self.items.values())
+        return rows.Statement(
+            _WRITE_STOCK_SQL,
+            [
+                [item.sku for item in items],
+                [item.on_hand for item in items],
+                [item.reserved for item in items],
+            ],
+            (),
+        )
+
+
 def _write_stock(items: list[StockItem]) -> None:
     """Write the items' `on_hand` and `reserved` in one statement (a save per
-    item is a round trip each). Only for items locked FOR UPDATE by the
+    item is a round trip each): in a consumer's batch, once for the whole
+    batch before it commits. Only for items locked FOR UPDATE by the
     caller's transaction, whose values are therefore current, and whose
     change records no event: the stream's version does not move."""
     if not items:
+        return
+    pending = rows.deferred("inventory.stock_items", _StockWrites)
+    if pending is not None:
+        pending.items.update((item.sku, item) for item in items)
         return
     with connection.cursor() as cursor:
         cursor.execute(
