@@ -80,6 +80,7 @@ class RelayReport:
     broker_messages: int = 0  # confirmed AMQP messages (a batch carries many rows)
     failed_rows: int = 0
     batches: int = 0
+    claimed_rows: int = 0  # of the last claim
     errors: list[str] = dataclasses.field(default_factory=list)
     # The publish failed as a whole (the broker unreachable, no confirm in time).
     publish_failed: bool = False
@@ -393,6 +394,7 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
     if not rows:
         return report
     report.batches = 1
+    report.claimed_rows = len(rows)
     claims = {row.outbox_id: row for row in rows}
     targets: dict[int, list[str]] = {}
     failed: dict[int, str] = {}
@@ -450,8 +452,10 @@ FOLLOW_UP_SECONDS = 1.0
 
 
 def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> RelayReport:
-    """Drain the outbox until empty, a failure, or the time budget is spent.
-    `follow_up`: this run was sent by one that could not clear the flag."""
+    """Publish the outbox batch after batch until a claim comes back short
+    (what is committed later has asked for a run of its own), a failure, or
+    the time budget is spent. `follow_up`: this run was sent by one that
+    could not clear the flag."""
     budget = settings.EVENTING["RELAY_MAX_SECONDS"] if max_seconds is None else max_seconds
     total = RelayReport()
     deadline = time.monotonic() + budget
@@ -519,6 +523,14 @@ def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> Relay
                     request_wake()
                 else:
                     _send_follow_up(follow_up)
+            return total
+        if cleared and report.claimed_rows < limit:
+            # Not a backlog: the claim that went with the clear saw every
+            # writer that counted on it, and every commit since has asked
+            # for a run of its own (its try of the barrier failed, or it
+            # found the flag cleared). That run claims what came in
+            # meanwhile, in one batch; claiming it here, a few rows at a
+            # time, sent every consumer a message per few rows.
             return total
         report = relay_batch(limit)
 

@@ -657,6 +657,59 @@ def test_a_run_stopped_by_a_failed_row_asks_for_another_run(
     assert OutboxMessage.objects.get().last_error.startswith("outbox row targets unknown")
 
 
+def test_commits_during_a_run_go_in_the_next_run_in_one_batch(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose claim was not full has no backlog to drain: it ends, and
+    the commits made while it published (each finding the flag cleared)
+    have asked for the next run, which takes them in one batch. Claiming
+    them in the same run, a few rows at a time, sent each consumer a
+    message per few rows under a steady load."""
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    first = insert_events(3)
+    real_relay_batch = relay_module.relay_batch
+    run = uuid.uuid4().hex[:12]
+    during: list[int] = []
+
+    def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> Any:
+        report = real_relay_batch(limit, clear_wake=clear_wake)
+        for n in range(2):  # two writers commit while the batch is published
+            _append_probe(f"{run}-{len(during)}-{n}", n)
+        during.append(report.published_rows)
+        return report
+
+    monkeypatch.setattr(relay_module, "relay_batch", relay_batch)
+    report = relay_module.relay(max_seconds=10)
+
+    assert (report.published_rows, report.batches, during) == (3, 1, [3]), report
+    assert event_ids(take_all(probe_queue)) == first
+    wait_for(lambda: _depth("relay") >= 1, what="the writers' wake-up")
+    assert _holds_steady(lambda: _depth("relay") == 1), "two commits, one wake-up"
+    assert [m.headers["task"] for m in take_all("relay")] == ["eventing.relay"]
+    assert OutboxMessage.objects.count() == 2
+
+    monkeypatch.setattr(relay_module, "relay_batch", real_relay_batch)
+    woken = relay_module.relay(max_seconds=10)
+    assert (woken.published_rows, woken.batches) == (2, 1), woken
+    assert len(event_ids(take_all(probe_queue))) == 2
+
+
+def test_a_backlog_is_drained_in_one_run_batch_after_batch(
+    probe_queue: str, publishers: list[ConfirmingPublisher], settings: Any
+) -> None:
+    """A full claim means there may be more: the run claims again until a
+    claim comes back short."""
+    settings.EVENTING = {**settings.EVENTING, "RELAY_BATCH_SIZE": 2}
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    rows = insert_events(5)
+
+    report = relay_module.relay(max_seconds=10)
+
+    assert (report.published_rows, report.batches) == (5, 3), report
+    assert sorted(event_ids(take_all(probe_queue))) == sorted(rows)
+    assert not OutboxMessage.objects.exists()
+
+
 class _OpenWriter(threading.Thread):
     """Appends a probe event (as the web side does, outside any handler) in a
     transaction it keeps open until `release` is set, on its own connection."""
