@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import context, observe
+from . import context, metrics, observe, tracing
 from .events import DomainEvent
 from .models import StoredEvent
 
@@ -55,33 +55,7 @@ def append(
     if not connection.in_atomic_block:
         raise RuntimeError("store.append() must run inside transaction.atomic()")
     ctx = context.current()
-    max_depth = settings.EVENTING["MAX_CHAIN_DEPTH"]
-    if ctx.chain_depth > max_depth:
-        raise ChainDepthExceeded(
-            f"event chain depth {ctx.chain_depth} exceeds EVENTING MAX_CHAIN_DEPTH={max_depth}: "
-            f"a handler loop is emitting events without end (correlation {ctx.correlation_id})"
-        )
-    now = timezone.now()
-    correlation_id = ctx.correlation_id or context.new_correlation_id()
-    rows = [
-        StoredEvent(
-            event_id=uuid.uuid4(),
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            version=expected_version + offset,
-            event_type=event.name,
-            schema_version=event.version,
-            payload=event.to_payload(),
-            source=settings.EVENTING["SOURCE"],
-            time=now,
-            correlation_id=correlation_id,
-            causation_id=ctx.causation_id or "",
-            traceparent=ctx.traceparent,
-            actor=ctx.actor,
-            chain_depth=ctx.chain_depth,
-        )
-        for offset, event in enumerate(events, start=1)
-    ]
+    rows = _new_rows(aggregate_type, aggregate_id, expected_version, events, ctx, timezone.now())
     # Outside a consumer's handler the append joins the relay's wake-up
     # barrier; a handler's batch transaction can last long enough to hold up
     # a relay run's start, so it asks for a wake-up after commit.
@@ -107,14 +81,126 @@ def append(
                 "another writer committed first; reload the aggregate and retry"
             ) from exc
         raise
+    if not _took_positions(rows, returned):
+        schedule_relay_wake()
+    return rows
+
+
+def _new_rows(
+    aggregate_type: str,
+    aggregate_id: str,
+    expected_version: int,
+    events: Sequence[DomainEvent],
+    ctx: context.EventContext,
+    now: Any,
+) -> list[StoredEvent]:
+    """The stored events of one stream's append, recording `ctx`."""
+    max_depth = settings.EVENTING["MAX_CHAIN_DEPTH"]
+    if ctx.chain_depth > max_depth:
+        raise ChainDepthExceeded(
+            f"event chain depth {ctx.chain_depth} exceeds EVENTING MAX_CHAIN_DEPTH={max_depth}: "
+            f"a handler loop is emitting events without end (correlation {ctx.correlation_id})"
+        )
+    correlation_id = ctx.correlation_id or context.new_correlation_id()
+    return [
+        StoredEvent(
+            event_id=uuid.uuid4(),
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            version=expected_version + offset,
+            event_type=event.name,
+            schema_version=event.version,
+            payload=event.to_payload(),
+            source=settings.EVENTING["SOURCE"],
+            time=now,
+            correlation_id=correlation_id,
+            causation_id=ctx.causation_id or "",
+            traceparent=ctx.traceparent,
+            actor=ctx.actor,
+            chain_depth=ctx.chain_depth,
+        )
+        for offset, event in enumerate(events, start=1)
+    ]
+
+
+def _took_positions(rows: list[StoredEvent], returned: list[tuple]) -> bool:
+    """Give the rows the positions the append returned; returns whether the
+    relay is sure to claim them without a wake-up from this transaction."""
     positions = {str(event_id): position for position, event_id, _ in returned}
     for row in rows:
         row.position = positions[str(row.event_id)]
         row._state.adding = False
         row._state.db = connection.alias
-    relay_will_look = bool(returned[0][2])
-    if not relay_will_look:
+    return bool(returned[0][2])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamAppend:
+    """One stream's part of `append_streams`: its events, appended after
+    `expected_version`, recording `context` (correlation, causation, actor,
+    chain depth) as `append` records the current one."""
+
+    aggregate_type: str
+    aggregate_id: str
+    expected_version: int
+    events: Sequence[DomainEvent]
+    context: context.EventContext
+
+
+def append_streams(appends: Sequence[StreamAppend]) -> list[StoredEvent]:
+    """Append to several streams in one statement (`append` sends one per
+    stream): for a step that writes many aggregates' events at once, such as
+    a batch of notifications each adding to its order's stream. Same rules
+    as `append`: inside the caller's transaction, ConcurrencyError when a
+    stream moved past its expected version (the whole call fails then).
+
+    With tracing on, each stream is appended on its own, in its own span."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("store.append_streams() must run inside transaction.atomic()")
+    if not appends:
+        return []
+    if tracing.ACTIVE:
+        stored = []
+        for part in appends:
+            with context.use(part.context):
+                stored += append(
+                    aggregate_type=part.aggregate_type,
+                    aggregate_id=part.aggregate_id,
+                    expected_version=part.expected_version,
+                    events=part.events,
+                )
+        return stored
+    now = timezone.now()
+    rows = [
+        row
+        for part in appends
+        for row in _new_rows(
+            part.aggregate_type,
+            part.aggregate_id,
+            part.expected_version,
+            part.events,
+            part.context,
+            now,
+        )
+    ]
+    barrier = not context.current().in_handler
+    sql, params = _append_statement(rows, barrier=barrier)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            returned = cursor.fetchall()
+    except IntegrityError as exc:
+        if "event_stream_version" in str(exc):
+            raise ConcurrencyError(
+                f"one of {len(appends)} streams moved past its expected version: "
+                "another writer committed first; reload and retry"
+            ) from exc
+        raise
+    if not _took_positions(rows, returned):
         schedule_relay_wake()
+    if metrics.enabled():
+        types = [row.event_type for row in rows]
+        transaction.on_commit(lambda: metrics.count_appended(types), robust=True)
     return rows
 
 

@@ -126,9 +126,9 @@ def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
     `sent_at` make a redelivered send a no-op.
 
     One transaction for all of them, a handful of statements whatever their
-    number, plus one append per notification about an order: their rows
-    locked, the recipients read, the order streams locked and their heads
-    read; then each mail leaves and its CustomerNotified is appended; last,
+    number: their rows locked, the recipients read, the order streams locked
+    and their heads read; then the mails leave; last, the sent ones'
+    CustomerNotified are appended (one statement for all the streams) and
     the sent ones are marked. A mail that fails keeps nothing of its own (no
     mark, no event) and is reported in `failed` for the caller to retry; the
     others go on. Email is at-least-once: a crash after a mail and before
@@ -145,7 +145,8 @@ def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
         if not unsent:
             return outcome
         recipients = _recipients(unsent)
-        heads = _lock_order_streams(unsent)
+        streams = _lock_order_streams(unsent)
+        appends = []
         for notification in unsent:
             to = recipients.get(notification.customer_id, [])
             try:
@@ -155,8 +156,10 @@ def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
                 outcome.failed[notification.pk] = exc
                 continue
             if notification.order_id is not None:
-                _append_customer_notified(notification, heads)
+                appends.append(_customer_notified(notification, streams))
             outcome.sent.append(notification.pk)
+        # Every order's CustomerNotified in one statement.
+        store.append_streams(appends)
         if outcome.sent:
             Notification.objects.filter(pk__in=outcome.sent).update(
                 sent_at=timezone.now(), send_attempts=F("send_attempts") + 1, last_error=""
@@ -226,32 +229,37 @@ def _lock_order_streams(notifications: list[Notification]) -> dict[str, _Stream]
     return streams
 
 
-def _append_customer_notified(notification: Notification, streams: dict[str, _Stream]) -> None:
-    """Caller holds the stream's lock (`_lock_order_streams`)."""
+def _customer_notified(
+    notification: Notification, streams: dict[str, _Stream]
+) -> store.StreamAppend:
+    """The notification's CustomerNotified, next in its order's stream, whose
+    lock the caller holds (`_lock_order_streams`)."""
     order_id = str(notification.order_id)
     stream = streams[order_id]
     source = stream.sources.get(str(notification.source_event_id))
     correlation_id, source_depth = source if source is not None else (None, None)
-    with context.scope(
-        correlation_id=correlation_id,
-        causation_id=str(notification.source_event_id),
-        actor="notifications",
-        chain_depth=source_depth + 1 if source_depth is not None else 0,
-    ):
-        store.append(
-            aggregate_type=events.ORDER_NOTIFICATIONS,
-            aggregate_id=order_id,
-            expected_version=stream.head,
-            events=[
-                events.CustomerNotified(
-                    order_id=order_id,
-                    customer_id=notification.customer_id or 0,
-                    kind=notification.kind,
-                    notification_event_id=str(notification.source_event_id),
-                )
-            ],
-        )
+    append = store.StreamAppend(
+        aggregate_type=events.ORDER_NOTIFICATIONS,
+        aggregate_id=order_id,
+        expected_version=stream.head,
+        events=[
+            events.CustomerNotified(
+                order_id=order_id,
+                customer_id=notification.customer_id or 0,
+                kind=notification.kind,
+                notification_event_id=str(notification.source_event_id),
+            )
+        ],
+        context=dataclasses.replace(
+            context.current(),
+            correlation_id=correlation_id,
+            causation_id=str(notification.source_event_id),
+            actor="notifications",
+            chain_depth=source_depth + 1 if source_depth is not None else 0,
+        ),
+    )
     stream.head += 1
+    return append
 
 
 def notifications_unsent(*, older_than_seconds: float) -> list[int]:

@@ -3,6 +3,7 @@ database, and no write path that skips the events."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 
@@ -161,6 +162,41 @@ def test_an_update_that_finds_no_row_appends_nothing_until_the_insert_after_it(
         .values_list("event_type", "version")
     ) == [("orders.OrderPlaced", 1), ("orders.OrderConfirmed", 2)]
     assert Order.objects.get(pk=order.pk).status == "CONFIRMED"
+
+
+def test_appends_to_several_streams_go_in_one_statement_or_not_at_all(db: None) -> None:
+    """`append_streams`: each stream's events after its own expected version,
+    with its own context, in one statement; one stale stream refuses all."""
+    from eventing import context
+    from eventing.store import StreamAppend, append_streams
+    from orders.events import OrderConfirmed
+
+    def part(order_id: str, version: int, correlation: str) -> StreamAppend:
+        return StreamAppend(
+            aggregate_type="orders.Order",
+            aggregate_id=order_id,
+            expected_version=version,
+            events=[OrderConfirmed(order_id=order_id, customer_id=1)],
+            context=dataclasses.replace(context.current(), correlation_id=correlation),
+        )
+
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    with CaptureQueriesContext(connection) as captured, transaction.atomic():
+        rows = append_streams([part(first, 0, "c-1"), part(second, 0, "c-2")])
+    executed = [q for q in captured.captured_queries if "EXECUTE eventing_append" in q["sql"]]
+    assert len(executed) == 1, [q["sql"][:60] for q in captured.captured_queries]
+    assert [(r.aggregate_id, r.version, r.correlation_id) for r in rows] == [
+        (first, 1, "c-1"),
+        (second, 1, "c-2"),
+    ]
+    assert all(r.position for r in rows)
+    assert OutboxMessage.objects.filter(event__in=rows).count() == 2
+
+    third = str(uuid.uuid4())
+    with pytest.raises(ConcurrencyError), transaction.atomic():
+        append_streams([part(third, 0, "c-3"), part(first, 0, "c-4")])  # first is at v1
+    assert not StoredEvent.objects.filter(aggregate_id=third).exists()
+    assert StoredEvent.objects.filter(aggregate_id=first).count() == 1
 
 
 def test_a_new_aggregate_whose_stream_exists_is_refused_with_a_concurrency_error(

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from django.core import mail
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from eventing.consumers import EventMeta
@@ -160,7 +161,10 @@ def test_one_transaction_sends_its_notifications_in_one_go_and_a_failed_mail_kee
         return real_send_mail(subject, body, sender, to)
 
     monkeypatch.setattr(services, "send_mail", smtp_refuses_the_second)
-    outcome = services.notifications_send(send.notification_ids)
+    with CaptureQueriesContext(connection) as captured:
+        outcome = services.notifications_send(send.notification_ids)
+    appends = [q for q in captured.captured_queries if "EXECUTE eventing_append" in q["sql"]]
+    assert len(appends) == 1, "every order's CustomerNotified in one statement"
 
     first, second, third, shipped = (n.pk for n in recorded)
     assert outcome.sent == [first, third, shipped]
