@@ -172,7 +172,7 @@ def _settle_reservation(*, order_id: str, commit: bool) -> Reservation | None:
         else:
             reservation.status = Reservation.Status.RELEASED
             reservation.record(events.StockReleased(order_id=order_id, lines=reservation.lines))
-        reservation.save()
+        reservation.save(update_fields=["status", "updated_at"])
     return reservation
 
 

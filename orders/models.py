@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import ClassVar
 
 from django.conf import settings
 from django.db import models
@@ -62,6 +63,11 @@ class Order(EventSourcedModel):
             )
         )
         return order
+
+    # The columns a transition below changes (`updated_at` is auto_now; reject
+    # also sets `rejection_reasons`): saving a transition sends them alone,
+    # not the order's lines and total again.
+    TRANSITION_FIELDS: ClassVar[tuple[str, ...]] = ("status", "updated_at")
 
     def _require(self, *allowed: str, action: str) -> None:
         if self.status not in allowed:

@@ -82,7 +82,7 @@ def order_confirm(*, order_id: str) -> Order:
     with atomic_step():  # policies call this inside their batch's transaction
         order = order_for_update(order_id)
         order.confirm()
-        order.save()
+        order.save(update_fields=Order.TRANSITION_FIELDS)
     return order
 
 
@@ -90,7 +90,7 @@ def order_reject(*, order_id: str, reasons: list[dict]) -> Order:
     with atomic_step():  # policies call this inside their batch's transaction
         order = order_for_update(order_id)
         order.reject(reasons)
-        order.save()
+        order.save(update_fields=(*Order.TRANSITION_FIELDS, "rejection_reasons"))
     return order
 
 
@@ -98,7 +98,7 @@ def order_cancel(*, order_id: str, reason: str = "") -> Order:
     with transaction.atomic():
         order = order_for_update(order_id)
         order.cancel(reason)
-        order.save()
+        order.save(update_fields=Order.TRANSITION_FIELDS)
     return order
 
 
@@ -106,7 +106,7 @@ def order_ship(*, order_id: str) -> Order:
     with transaction.atomic():
         order = order_for_update(order_id)
         order.ship()
-        order.save()
+        order.save(update_fields=Order.TRANSITION_FIELDS)
     return order
 
 
