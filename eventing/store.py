@@ -47,10 +47,10 @@ def append(
     aggregate's row: the events exist iff that transaction commits.
 
     `along_with` is the aggregate's own write (its `save()`), run here before
-    the append. When that write is a plain INSERT into `table` of the row
+    the append. When that write is a plain INSERT or UPDATE of `table`'s row
     whose primary key is `key`, the append goes to the server in the same
-    round trip as the INSERT (see `_AppendAlongside`); otherwise it follows
-    as a statement of its own.
+    round trip (see `_AppendAlongside`); otherwise it follows as a statement
+    of its own.
     """
     if not connection.in_atomic_block:
         raise RuntimeError("store.append() must run inside transaction.atomic()")
@@ -65,7 +65,11 @@ def append(
         returned = None
         if along_with is not None:
             alongside = _AppendAlongside(
-                table, key, sql, params, after_update=_append_after_update(rows, barrier=barrier)
+                table,
+                key,
+                sql,
+                params,
+                after_update=functools.partial(_append_after_update, rows, barrier=barrier),
             )
             with connection.execute_wrapper(alongside):
                 along_with()
@@ -232,7 +236,7 @@ class _AppendAlongside:
         sql: str,
         params: Sequence[object],
         *,
-        after_update: _AfterUpdate | None = None,
+        after_update: Callable[[], _AfterUpdate] | None = None,
     ) -> None:
         quoted = connection.ops.quote_name(table) if table else ""
         self.insert_prefix = f"INSERT INTO {quoted} " if table else None
@@ -260,7 +264,7 @@ class _AppendAlongside:
             self.returned = context["cursor"].fetchall()
             return result
         if self.after_update is not None and sql.startswith(str(self.update_prefix)):
-            update = self.after_update
+            update = self.after_update()  # built only now: most writes are INSERTs
             result = execute(
                 f"{update.head}{sql}{update.tail}",
                 (*update.head_params, *(params or ()), *update.tail_params),
