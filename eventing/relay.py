@@ -99,11 +99,16 @@ EVENT_COLUMNS_SQL = (
 # Both the outbox rows and their events are reached by primary key from
 # arrays (`= ANY(ARRAY(...))`): a plain join let the planner hash or merge-join
 # whole tables, a cost that grows with the backlog and the store.
+# A row is due by the clock as this statement starts (an InitPlan, read once),
+# not by now(), the transaction's start: the clearing claim waits on the
+# wake-up barrier first, and a writer whose transaction began after this one
+# but took the barrier before it (so sent no wake-up) stamped its row later
+# than now(), yet must be claimed here.
 # Constant text only (no values): S608 does not apply.
 _CLAIM_SQL = f"""
 WITH claimable AS (
     SELECT o.id FROM eventing_outboxmessage o
-    WHERE o.available_at <= now()
+    WHERE o.available_at <= (SELECT clock_timestamp())
       AND (o.claimed_until IS NULL OR o.claimed_until < now())
     ORDER BY o.id
     LIMIT %s
@@ -460,15 +465,17 @@ def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> Relay
     total = RelayReport()
     deadline = time.monotonic() + budget
     limit = settings.EVENTING["RELAY_BATCH_SIZE"]
-    # Wake-ups rest on this: after the flag's clear commits, a run does not
-    # end without a claim whose snapshot was taken after that commit. A
-    # writer that commits while the clear is still uncommitted sees the flag
-    # set and asks for no wake-up, so a later claim of this run must see its
-    # rows. The clear goes with the first claim (saving a round trip); if
-    # that claim finds nothing, one more claim looks again. A run that stops
-    # early (failed rows, the time budget) asks for another run instead,
-    # unless the broker itself failed: a wake-up could not be sent then, and
-    # beat's tick retries once the broker is back.
+    # Wake-ups rest on this: a writer that finds the flag set asks for no
+    # wake-up, and holds the barrier shared until it commits; the clear waits
+    # for such writers, so the claim that goes with it (the next statement,
+    # a new snapshot) sees their rows. Writers that come after the clear fail
+    # their try of the barrier, or find the flag cleared, and ask for a run of
+    # their own. So after a clearing claim the run only drains a backlog
+    # (claims again after a full claim); if that claim finds nothing, one
+    # more claim looks again. A run that stops early (failed rows, the time
+    # budget) asks for another run instead, unless the broker itself failed:
+    # a wake-up could not be sent then, and beat's tick retries once the
+    # broker is back.
     #
     # If a writer's transaction holds the wake-up barrier too long, the flag
     # stays set and the run goes on without clearing it. Writers that read it

@@ -714,8 +714,12 @@ class _OpenWriter(threading.Thread):
     """Appends a probe event (as the web side does, outside any handler) in a
     transaction it keeps open until `release` is set, on its own connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, due_in_seconds: float = 0.0) -> None:
         super().__init__(daemon=True)
+        # > 0: the row comes due that much after the append, as if the
+        # writer's transaction had begun later (its `available_at` is now()).
+        self.due_in_seconds = due_in_seconds
+        self.due_at: Any = None
         self.appended = threading.Event()
         self.release = threading.Event()
         self.event_id = ""
@@ -737,6 +741,15 @@ class _OpenWriter(threading.Thread):
                     events=[RelayProbe(n=1)],
                 )
                 self.event_id = str(row.event_id)
+                if self.due_in_seconds:
+                    with connection.cursor() as cursor:
+                        cursor.execute(
+                            "UPDATE eventing_outboxmessage SET available_at = "
+                            "clock_timestamp() + make_interval(secs => %s) "
+                            "WHERE event_id = %s RETURNING available_at",
+                            [self.due_in_seconds, row.position],
+                        )
+                        (self.due_at,) = cursor.fetchone()
                 self.asked_for_wake_up = any(
                     callback is relay_module.request_wake
                     for _, callback, _ in connection.run_on_commit
@@ -800,6 +813,54 @@ def test_a_writer_that_found_the_flag_set_is_published_by_the_run_that_clears_it
     assert event_ids(take_all(probe_queue)) == [writer.event_id]
     assert not RelayWake.objects.get(id=1).requested
     assert _holds_steady(lambda: _depth("relay") == 0), "nobody sent a wake-up"
+
+
+def test_the_clearing_claim_takes_a_row_stamped_after_its_transaction_began(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer may begin after the relay's clearing transaction did and still
+    take the barrier before it: its row's `available_at` (its own now()) is
+    later than the relay's now(). The clear waits for its commit, and the
+    claim that goes with it must take the row by the clock at the claim,
+    since a short claim ends the run and the writer sent no wake-up."""
+    monkeypatch.setattr(relay_module, "WAKE_BARRIER_TIMEOUT_MS", 60_000)
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    already = insert_events(1)  # the claim is not empty: the run will not look again
+    writer = _OpenWriter(due_in_seconds=0.3)
+    writer.start()
+    reports: list[relay_module.RelayReport] = []
+
+    def relay_in_thread() -> None:
+        try:
+            reports.append(relay_module.relay(max_seconds=10))
+        finally:
+            connections.close_all()
+
+    run = threading.Thread(target=relay_in_thread)
+    try:
+        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.asked_for_wake_up is False
+        run.start()  # its transaction begins now, before the writer's row is due
+        wait_for(
+            lambda: _backends_blocked_by(writer.backend_pid) == 1,
+            what="the relay's clear to wait for the open writer",
+        )
+
+        def database_clock_passed_due() -> bool:
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SELECT clock_timestamp() > %s", [writer.due_at])
+                return bool(cursor.fetchone()[0])
+
+        wait_for(database_clock_passed_due, what="the writer's row to come due")
+    finally:
+        writer.commit()
+        if run.is_alive():
+            run.join(timeout=30)
+
+    (report,) = reports
+    assert report.published_rows == 2, report
+    assert sorted(event_ids(take_all(probe_queue))) == sorted([*already, writer.event_id])
+    assert not OutboxMessage.objects.exists()
 
 
 def test_a_writer_holding_the_barrier_too_long_gets_one_follow_up_run(
