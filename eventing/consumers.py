@@ -29,7 +29,7 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 
 from . import context, observe
 from .events import DomainEvent, UnknownEventType, UnknownEventVersion
@@ -769,7 +769,17 @@ def _apply_lanes(
         for row in to_apply:
             apply_event(spec, row)
         rows_written = take_dirty(uow, {rows for per_type in batched.values() for rows in per_type})
-    _save_checkpoints(lanes, rows_written)
+    try:
+        _save_checkpoints(lanes, rows_written)
+    except DatabaseError as exc:
+        if isinstance(exc, OperationalError | InterfaceError) or not to_apply:
+            raise
+        # The handlers' batched and deferred writes (eventing.rows) run here,
+        # after the last handler: one that the database refuses (a CHECK, a
+        # value out of range) fails like a handler would have, so the batch
+        # goes lane by lane and only the lane whose writes fail is retried or
+        # dead-lettered. Its last event stands for it.
+        raise HandlerFailed(to_apply[-1], exc) from exc
     outcome.applied = len(to_apply)
     outcome.duplicates = sum(lane.duplicates for lane in lanes)
     for _ in range(outcome.duplicates):

@@ -410,3 +410,57 @@ def test_the_sagas_policies_read_each_aggregate_once_per_batch(db: None) -> None
     for small, large in [(small_inventory, large_inventory), (small_orders, large_orders)]:
         per_order = (len(large) - len(small)) / 4
         assert per_order <= 1, [q["sql"][:90] for q in large.captured_queries]
+
+
+def test_a_batched_write_the_database_refuses_fails_only_its_lane(
+    db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stock levels' changes are written once, after the batch's last
+    handler. If the database refuses that write, the batch fails as if a
+    handler had: it goes lane by lane, the lane whose write is refused is
+    reported failed (to be retried or dead-lettered), the others apply."""
+    from eventing import store
+    from inventory import read_models
+    from inventory.events import StockReserved
+    from inventory.models import StockLevel
+
+    StockLevel.objects.create(sku="S1", on_hand=10, reserved=0)
+    original = read_models._LevelDeltas.statement
+
+    def statement(self: Any) -> Any:
+        if "S-REFUSED" in self.skus:
+            from eventing.rows import Statement
+
+            return Statement("SELECT 1 / 0", [], ())  # refused: division by zero
+        return original(self)
+
+    monkeypatch.setattr(read_models._LevelDeltas, "statement", statement)
+
+    def reserved(sku: str) -> dict[str, Any]:
+        order_id = str(uuid.uuid4())
+        with transaction.atomic():
+            [row] = store.append(
+                aggregate_type="inventory.Reservation",
+                aggregate_id=order_id,
+                expected_version=0,
+                events=[StockReserved(order_id=order_id, lines=[{"sku": sku, "quantity": 2}])],
+            )
+        return row.envelope()
+
+    good, bad = reserved("S1"), reserved("S-REFUSED")
+    outcome = process_batch("inventory", [good, bad])
+
+    assert outcome.applied == 1
+    [failure] = outcome.failed
+    assert [m["aggregateid"] for m in failure.messages] == [bad["aggregateid"]]
+    assert "division by zero" in str(failure.error)
+    assert StockLevel.objects.get(sku="S1").reserved == 2
+    assert (
+        Checkpoint.objects.filter(consumer="inventory", aggregate_id=good["aggregateid"])
+        .get()
+        .version
+        == 1
+    )
+    assert not Checkpoint.objects.filter(
+        consumer="inventory", aggregate_id=bad["aggregateid"], version__gt=0
+    ).exists()
