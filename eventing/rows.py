@@ -28,7 +28,9 @@ round trips per event). Within a unit of work an aggregate is read at most
 once: the instance handed out carries every change the batch made, because
 every write of it goes through that instance (`EventSourcedModel.save()`
 keeps the saved instance, new rows included). Outside one, the same calls
-lock and read at once.
+lock and read at once. Neither these instances nor the deferred writes are
+undone by a rolled-back savepoint: a failed step must fail the whole unit
+(as a handler's failure does), never be caught and gone on from.
 """
 
 from __future__ import annotations

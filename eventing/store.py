@@ -90,6 +90,17 @@ def append(
     return rows
 
 
+def check_chain_depth(ctx: context.EventContext) -> None:
+    """Raise ChainDepthExceeded if events recording `ctx` would be too deep
+    (what every append checks; for a caller that must know before it acts)."""
+    max_depth = settings.EVENTING["MAX_CHAIN_DEPTH"]
+    if ctx.chain_depth > max_depth:
+        raise ChainDepthExceeded(
+            f"event chain depth {ctx.chain_depth} exceeds EVENTING MAX_CHAIN_DEPTH={max_depth}: "
+            f"a handler loop is emitting events without end (correlation {ctx.correlation_id})"
+        )
+
+
 def _new_rows(
     aggregate_type: str,
     aggregate_id: str,
@@ -99,12 +110,7 @@ def _new_rows(
     now: Any,
 ) -> list[StoredEvent]:
     """The stored events of one stream's append, recording `ctx`."""
-    max_depth = settings.EVENTING["MAX_CHAIN_DEPTH"]
-    if ctx.chain_depth > max_depth:
-        raise ChainDepthExceeded(
-            f"event chain depth {ctx.chain_depth} exceeds EVENTING MAX_CHAIN_DEPTH={max_depth}: "
-            f"a handler loop is emitting events without end (correlation {ctx.correlation_id})"
-        )
+    check_chain_depth(ctx)
     correlation_id = ctx.correlation_id or context.new_correlation_id()
     return [
         StoredEvent(

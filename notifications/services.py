@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from eventing import context, store
 from eventing.consumers import EventMeta, after_commit
+from eventing.context import EventContext
 from eventing.models import StoredEvent
 
 from . import events
@@ -137,8 +138,10 @@ def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
     """
     outcome = SendOutcome(sent=[], failed={})
     with transaction.atomic():
+        # Rows another send holds are that send's to send (or to leave
+        # unsent, for its retry or the sweep): skipped, not waited for.
         unsent = list(
-            Notification.objects.select_for_update()
+            Notification.objects.select_for_update(skip_locked=True)
             .filter(pk__in=notification_ids, sent_at__isnull=True)
             .order_by("pk")
         )
@@ -150,6 +153,10 @@ def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
         for notification in unsent:
             to = recipients.get(notification.customer_id, [])
             try:
+                if notification.order_id is not None:
+                    # What would refuse its event is found before its mail
+                    # leaves: a failure after the mails resends them all.
+                    store.check_chain_depth(_event_context(notification, streams))
                 if to:
                     send_mail(notification.subject, notification.body, None, to)
             except Exception as exc:
@@ -236,8 +243,6 @@ def _customer_notified(
     lock the caller holds (`_lock_order_streams`)."""
     order_id = str(notification.order_id)
     stream = streams[order_id]
-    source = stream.sources.get(str(notification.source_event_id))
-    correlation_id, source_depth = source if source is not None else (None, None)
     append = store.StreamAppend(
         aggregate_type=events.ORDER_NOTIFICATIONS,
         aggregate_id=order_id,
@@ -250,16 +255,24 @@ def _customer_notified(
                 notification_event_id=str(notification.source_event_id),
             )
         ],
-        context=dataclasses.replace(
-            context.current(),
-            correlation_id=correlation_id,
-            causation_id=str(notification.source_event_id),
-            actor="notifications",
-            chain_depth=source_depth + 1 if source_depth is not None else 0,
-        ),
+        context=_event_context(notification, streams),
     )
     stream.head += 1
     return append
+
+
+def _event_context(notification: Notification, streams: dict[str, _Stream]) -> EventContext:
+    """CustomerNotified follows from the notification's source event."""
+    stream = streams[str(notification.order_id)]
+    source = stream.sources.get(str(notification.source_event_id))
+    correlation_id, source_depth = source if source is not None else (None, None)
+    return dataclasses.replace(
+        context.current(),
+        correlation_id=correlation_id,
+        causation_id=str(notification.source_event_id),
+        actor="notifications",
+        chain_depth=source_depth + 1 if source_depth is not None else 0,
+    )
 
 
 def notifications_unsent(*, older_than_seconds: float) -> list[int]:

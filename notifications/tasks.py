@@ -15,9 +15,14 @@ handle_event = consumer_task("notifications")
 def send_unsent() -> int:
     """Beat's sweep: on_commit is a hint, not a delivery guarantee."""
     unsent = services.notifications_unsent(older_than_seconds=30)
-    if unsent:
-        send_notifications.delay(unsent)
+    # In tasks of SWEEP_BATCH: one send holds its rows' locks (and a
+    # worker process) until its last mail has left.
+    for start in range(0, len(unsent), SWEEP_BATCH):
+        send_notifications.delay(unsent[start : start + SWEEP_BATCH])
     return len(unsent)
+
+
+SWEEP_BATCH = 50
 
 
 @shared_task(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from typing import Any
@@ -188,3 +189,47 @@ def test_one_transaction_sends_its_notifications_in_one_go_and_a_failed_mail_kee
     again = services.notifications_send(send.notification_ids)
     assert (again.sent, again.failed) == ([second], {})
     assert notified.filter(aggregate_id=orders[1]).count() == 1
+
+
+def test_a_notification_whose_event_would_be_too_deep_sends_no_mail(
+    db: None, settings: Any
+) -> None:
+    """Its CustomerNotified would exceed MAX_CHAIN_DEPTH: that is found before
+    any mail leaves, so the failure resends nothing; the others are sent."""
+    from eventing import context, store
+    from orders.events import OrderConfirmed
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    deep_order, fine_order = str(uuid.uuid4()), str(uuid.uuid4())
+    with (
+        context.scope(chain_depth=settings.EVENTING["MAX_CHAIN_DEPTH"]),
+        transaction.atomic(),
+    ):
+        [deep_source] = store.append(
+            aggregate_type="orders.Order",
+            aggregate_id=deep_order,
+            expected_version=0,
+            events=[OrderConfirmed(order_id=deep_order, customer_id=1)],
+        )
+    customer = UserFactory()
+    deep_meta = dataclasses.replace(_meta(deep_order), event_id=str(deep_source.event_id))
+    recorded = [
+        services.notification_record(
+            meta=meta,
+            kind="order_confirmed",
+            customer_id=customer.pk,
+            subject="s",
+            body="b",
+            order_id=order_id,
+        )
+        for meta, order_id in [(deep_meta, deep_order), (_meta(fine_order), fine_order)]
+    ]
+
+    outcome = services.notifications_send([n.pk for n in recorded])
+
+    assert outcome.sent == [recorded[1].pk]
+    assert "MAX_CHAIN_DEPTH" in str(outcome.failed[recorded[0].pk])
+    assert len(mail.outbox) == 1, "no mail for the one whose event is refused"
+    assert not StoredEvent.objects.filter(
+        aggregate_id=deep_order, event_type="notifications.CustomerNotified"
+    ).exists()
