@@ -41,12 +41,23 @@ def celery_worker(
 def wait_until_quiet(worker: Worker, timeout: float = 60.0) -> None:
     """The flow has settled: nothing in the outbox, on the queues, or in the worker."""
 
-    def quiet() -> bool:
+    def quiet_now() -> bool:
         if OutboxMessage.objects.exists():
             return False
         if any(queue_depths().values()):
             return False
         return not worker.busy()
+
+    # The three looks are not one snapshot: a task that ends between the
+    # queues' look and the worker's may just have published the next
+    # message (a notifications batch after its handler's commit), which the
+    # worker has not yet fetched. Quiet counts only when seen three times in
+    # a row.
+    seen = [0]
+
+    def quiet() -> bool:
+        seen[0] = seen[0] + 1 if quiet_now() else 0
+        return seen[0] >= 3
 
     wait_for(quiet, timeout=timeout, interval=0.2, what="the event flow to settle")
 
