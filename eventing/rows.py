@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import orjson
+from django.core.exceptions import ValidationError
 from django.db import connection, models
 
 
@@ -158,6 +159,19 @@ class BatchedRows:
 def _aggregate_key(model: type[models.Model], pk: Any) -> str:
     # The key's canonical text: "ABC..." and "abc..." name one UUID.
     return str(model._meta.pk.to_python(pk))
+
+
+def valid_keys(model: type[models.Model], values: Iterable[Any]) -> list[str]:
+    """The values that are valid primary keys of `model`, as canonical text.
+    A `before_batch` step locks only these and leaves the rest to their
+    handler, which fails the lane with the reason."""
+    keys = []
+    for value in values:
+        try:
+            keys.append(_aggregate_key(model, value))
+        except ValidationError:
+            continue
+    return keys
 
 
 def lock_aggregates(model: type[models.Model], pks: Iterable[Any]) -> dict[str, Any]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -61,7 +62,10 @@ def append(
     # a relay run's start, so it asks for a wake-up after commit.
     barrier = not ctx.in_handler
     sql, params = _append_statement(rows, barrier=barrier)
-    try:
+    with _stale_stream_refused(
+        f"{aggregate_type}/{aggregate_id} is past version {expected_version}: "
+        "another writer committed first; reload the aggregate and retry"
+    ):
         returned = None
         if along_with is not None:
             alongside = _AppendAlongside(
@@ -78,16 +82,21 @@ def append(
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 returned = cursor.fetchall()
-    except IntegrityError as exc:
-        if "event_stream_version" in str(exc):
-            raise ConcurrencyError(
-                f"{aggregate_type}/{aggregate_id} is past version {expected_version}: "
-                "another writer committed first; reload the aggregate and retry"
-            ) from exc
-        raise
     if not _took_positions(rows, returned):
         schedule_relay_wake()
     return rows
+
+
+@contextlib.contextmanager
+def _stale_stream_refused(message: str) -> Iterator[None]:
+    """A stream's unique (aggregate, version) key refusing an append means
+    another writer committed first: ConcurrencyError(message)."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if "event_stream_version" in str(exc):
+            raise ConcurrencyError(message) from exc
+        raise
 
 
 def check_chain_depth(ctx: context.EventContext) -> None:
@@ -195,17 +204,15 @@ def append_streams(appends: Sequence[StreamAppend]) -> list[StoredEvent]:
     ]
     barrier = not context.current().in_handler
     sql, params = _append_statement(rows, barrier=barrier)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            returned = cursor.fetchall()
-    except IntegrityError as exc:
-        if "event_stream_version" in str(exc):
-            raise ConcurrencyError(
-                f"one of {len(appends)} streams moved past its expected version: "
-                "another writer committed first; reload and retry"
-            ) from exc
-        raise
+    with (
+        _stale_stream_refused(
+            f"one of {len(appends)} streams moved past its expected version: "
+            "another writer committed first; reload and retry"
+        ),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(sql, params)
+        returned = cursor.fetchall()
     if not _took_positions(rows, returned):
         schedule_relay_wake()
     if metrics.enabled():

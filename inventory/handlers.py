@@ -3,8 +3,6 @@ the stock-level projection follows inventory's own events."""
 
 from __future__ import annotations
 
-import uuid
-
 from eventing.consumers import EventMeta, before_batch, subscribe
 from orders.events import OrderCancelled, OrderPlaced, OrderShipped
 
@@ -22,27 +20,14 @@ def lock_stock(events: list[OrderPlaced | OrderCancelled | OrderShipped]) -> Non
     holding an item the other waits for. Malformed lines and ids are left out
     here: the policy's handler fails their lane, with the reason. What it
     locks (the items, the orders' reservations) the handlers get from memory."""
-    skus, order_ids = [], []
-    for e in events:
-        if isinstance(e, OrderPlaced):
-            skus += _skus(e.lines)
-        if _is_uuid(e.order_id):
-            order_ids.append(e.order_id)
-    services.stock_lock(skus=skus, order_ids=order_ids)
+    skus = [sku for e in events if isinstance(e, OrderPlaced) for sku in _skus(e.lines)]
+    services.stock_lock(skus=skus, order_ids=[e.order_id for e in events])
 
 
 def _skus(lines: object) -> list[str]:
     if not isinstance(lines, list):
         return []
     return [ln["sku"] for ln in lines if isinstance(ln, dict) and isinstance(ln.get("sku"), str)]
-
-
-def _is_uuid(value: object) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
 
 
 @subscribe(OrderPlaced)

@@ -143,9 +143,10 @@ def stock_lock(*, skus: list[str], order_ids: list[str]) -> None:
     holding some the other waits for. Then lock the orders' reservations,
     in key order. In a consumer's batch both are kept for the handlers
     (eventing.rows), which then read neither again."""
-    if not skus and not order_ids:
+    wanted_skus = sorted(set(skus))
+    wanted_orders = sorted(set(rows.valid_keys(Reservation, order_ids)))  # malformed left out
+    if not wanted_skus and not wanted_orders:
         return
-    wanted_skus, wanted_orders = sorted(set(skus)), sorted(set(order_ids))
     items = list(StockItem.objects.raw(_LOCK_STOCK_SQL, [wanted_skus, wanted_orders]))
     rows.hold_locked(items)
     rows.hold_absent(StockItem, set(wanted_skus) - {item.sku for item in items})

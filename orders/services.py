@@ -74,8 +74,8 @@ def order_for_update(order_id: str | uuid.UUID) -> Order:
 def orders_lock(order_ids: Sequence[str]) -> None:
     """Lock the orders FOR UPDATE in key order, in one query: in a consumer's
     batch its policies then take them from memory, and two batches queue
-    for shared orders instead of deadlocking."""
-    rows.lock_aggregates(Order, order_ids)
+    for shared orders instead of deadlocking. Malformed ids are left out."""
+    rows.lock_aggregates(Order, rows.valid_keys(Order, order_ids))
 
 
 def order_confirm(*, order_id: str) -> Order:

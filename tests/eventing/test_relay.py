@@ -767,6 +767,20 @@ class _OpenWriter(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
+def _relay_in_a_thread() -> tuple[threading.Thread, list[relay_module.RelayReport]]:
+    """A relay run on its own connection, not started yet; its report lands
+    in the list."""
+    reports: list[relay_module.RelayReport] = []
+
+    def relay_in_thread() -> None:
+        try:
+            reports.append(relay_module.relay(max_seconds=10))
+        finally:
+            connections.close_all()
+
+    return threading.Thread(target=relay_in_thread), reports
+
+
 def _backends_blocked_by(pid: int) -> int:
     with connections["default"].cursor() as cursor:
         cursor.execute(
@@ -786,15 +800,7 @@ def test_a_writer_that_found_the_flag_set_is_published_by_the_run_that_clears_it
     RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
     writer = _OpenWriter()
     writer.start()
-    reports: list[relay_module.RelayReport] = []
-
-    def relay_in_thread() -> None:
-        try:
-            reports.append(relay_module.relay(max_seconds=10))
-        finally:
-            connections.close_all()
-
-    run = threading.Thread(target=relay_in_thread)
+    run, reports = _relay_in_a_thread()
     try:
         assert writer.appended.wait(timeout=30), writer.error
         assert writer.asked_for_wake_up is False, "the flag was set: no wake-up is needed"
@@ -828,15 +834,7 @@ def test_the_clearing_claim_takes_a_row_stamped_after_its_transaction_began(
     already = insert_events(1)  # the claim is not empty: the run will not look again
     writer = _OpenWriter(due_in_seconds=0.3)
     writer.start()
-    reports: list[relay_module.RelayReport] = []
-
-    def relay_in_thread() -> None:
-        try:
-            reports.append(relay_module.relay(max_seconds=10))
-        finally:
-            connections.close_all()
-
-    run = threading.Thread(target=relay_in_thread)
+    run, reports = _relay_in_a_thread()
     try:
         assert writer.appended.wait(timeout=30), writer.error
         assert writer.asked_for_wake_up is False
