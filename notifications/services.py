@@ -152,18 +152,20 @@ def notifications_send(notification_ids: Sequence[int]) -> SendOutcome:
         appends = []
         for notification in unsent:
             to = recipients.get(notification.customer_id, [])
+            about_order = notification.order_id is not None
             try:
-                if notification.order_id is not None:
+                if about_order:
                     # What would refuse its event is found before its mail
                     # leaves: a failure after the mails resends them all.
-                    store.check_chain_depth(_event_context(notification, streams))
+                    event_context = _event_context(notification, streams)
+                    store.check_chain_depth(event_context)
                 if to:
                     send_mail(notification.subject, notification.body, None, to)
             except Exception as exc:
                 outcome.failed[notification.pk] = exc
                 continue
-            if notification.order_id is not None:
-                appends.append(_customer_notified(notification, streams))
+            if about_order:
+                appends.append(_customer_notified(notification, streams, event_context))
             outcome.sent.append(notification.pk)
         # Every order's CustomerNotified in one statement.
         store.append_streams(appends)
@@ -237,10 +239,10 @@ def _lock_order_streams(notifications: list[Notification]) -> dict[str, _Stream]
 
 
 def _customer_notified(
-    notification: Notification, streams: dict[str, _Stream]
+    notification: Notification, streams: dict[str, _Stream], event_context: EventContext
 ) -> store.StreamAppend:
     """The notification's CustomerNotified, next in its order's stream, whose
-    lock the caller holds (`_lock_order_streams`)."""
+    lock the caller holds (`_lock_order_streams`), recording `event_context`."""
     order_id = str(notification.order_id)
     stream = streams[order_id]
     append = store.StreamAppend(
@@ -255,7 +257,7 @@ def _customer_notified(
                 notification_event_id=str(notification.source_event_id),
             )
         ],
-        context=_event_context(notification, streams),
+        context=event_context,
     )
     stream.head += 1
     return append

@@ -15,6 +15,7 @@ probe consumer and would delete probe rows without publishing them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import socket
@@ -767,9 +768,12 @@ class _OpenWriter(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
-def _relay_in_a_thread() -> tuple[threading.Thread, list[relay_module.RelayReport]]:
-    """A relay run on its own connection, not started yet; its report lands
-    in the list."""
+@contextlib.contextmanager
+def _relay_waiting_for(writer: _OpenWriter) -> Iterator[list[relay_module.RelayReport]]:
+    """Once `writer` (started) has appended, finding the flag set, a relay run
+    on its own connection until its clear waits for the writer; the block
+    runs then. The writer commits as it ends, and the run's report is in the
+    list."""
     reports: list[relay_module.RelayReport] = []
 
     def relay_in_thread() -> None:
@@ -778,7 +782,20 @@ def _relay_in_a_thread() -> tuple[threading.Thread, list[relay_module.RelayRepor
         finally:
             connections.close_all()
 
-    return threading.Thread(target=relay_in_thread), reports
+    run = threading.Thread(target=relay_in_thread)
+    try:
+        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.asked_for_wake_up is False, "the flag was set: no wake-up is needed"
+        run.start()
+        wait_for(
+            lambda: _backends_blocked_by(writer.backend_pid) == 1,
+            what="the relay's clear to wait for the open writer",
+        )
+        yield reports
+    finally:
+        writer.commit()
+        if run.is_alive():
+            run.join(timeout=30)
 
 
 def _backends_blocked_by(pid: int) -> int:
@@ -800,19 +817,8 @@ def test_a_writer_that_found_the_flag_set_is_published_by_the_run_that_clears_it
     RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
     writer = _OpenWriter()
     writer.start()
-    run, reports = _relay_in_a_thread()
-    try:
-        assert writer.appended.wait(timeout=30), writer.error
-        assert writer.asked_for_wake_up is False, "the flag was set: no wake-up is needed"
-        run.start()
-        wait_for(
-            lambda: _backends_blocked_by(writer.backend_pid) == 1,
-            what="the relay's clear to wait for the open writer",
-        )
-    finally:
-        writer.commit()
-        if run.is_alive():
-            run.join(timeout=30)
+    with _relay_waiting_for(writer) as reports:
+        pass  # the writer commits as the block ends
 
     (report,) = reports
     assert report.published_rows == 1, report
@@ -834,26 +840,16 @@ def test_the_clearing_claim_takes_a_row_stamped_after_its_transaction_began(
     already = insert_events(1)  # the claim is not empty: the run will not look again
     writer = _OpenWriter(due_in_seconds=0.3)
     writer.start()
-    run, reports = _relay_in_a_thread()
-    try:
-        assert writer.appended.wait(timeout=30), writer.error
-        assert writer.asked_for_wake_up is False
-        run.start()  # its transaction begins now, before the writer's row is due
-        wait_for(
-            lambda: _backends_blocked_by(writer.backend_pid) == 1,
-            what="the relay's clear to wait for the open writer",
-        )
 
-        def database_clock_passed_due() -> bool:
-            with connections["default"].cursor() as cursor:
-                cursor.execute("SELECT clock_timestamp() > %s", [writer.due_at])
-                return bool(cursor.fetchone()[0])
+    def database_clock_passed_due() -> bool:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT clock_timestamp() > %s", [writer.due_at])
+            return bool(cursor.fetchone()[0])
 
+    # The relay's transaction begins once the writer has appended, before
+    # the writer's row is due; the writer commits once it is.
+    with _relay_waiting_for(writer) as reports:
         wait_for(database_clock_passed_due, what="the writer's row to come due")
-    finally:
-        writer.commit()
-        if run.is_alive():
-            run.join(timeout=30)
 
     (report,) = reports
     assert report.published_rows == 2, report
