@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from django.db import connection, transaction
 
 from eventing import relay
@@ -120,7 +121,7 @@ def run(sizes: Sizes) -> Result:
             "ORDER BY e.position LIMIT 1"
         )
         (first,) = relay.claimed_rows(cursor.fetchall())
-    envelope_bytes = len(first.envelope_json)
+    envelope_bytes = len(orjson.dumps(first.envelope))
     body_bytes = sum(len(m.body) for m in messages) / len(messages)
     relay_rates: list[float] = []
     raw_rates: list[float] = []
