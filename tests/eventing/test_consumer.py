@@ -212,6 +212,9 @@ def test_unknown_schema_version_is_dead_lettered_without_retries(live: Worker) -
             correlation_id="c-future",
         )
         OutboxMessage.objects.create(event=future)
+        # Rows written by hand ask for no wake-up, and tests run no beat:
+        # ask for the run that publishes this one, as an append does.
+        store.schedule_relay_wake()
     dead = wait_for(
         lambda: DeadLetter.objects.filter(event=future, consumer="inventory").first(),
         what="a dead letter for the v9 event",
