@@ -69,7 +69,7 @@ def baseline_messages() -> list[list[RawMessage]]:
     # The envelopes exactly as the relay's claim builds them (same SQL).
     with transaction.atomic(), connection.chunked_cursor() as cursor:
         cursor.execute(
-            f"SELECT e.position, '', 0, NULL, {relay.EVENT_COLUMNS_SQL} "
+            f"SELECT e.position, '', 0, NULL, e.position, {relay.EVENT_COLUMNS_SQL} "
             "FROM eventing_storedevent e ORDER BY e.position"
         )
         while chunk := cursor.fetchmany(5000):
@@ -117,8 +117,8 @@ def run(sizes: Sizes) -> Result:
     deliveries = 2  # each OrderPlaced goes to orders and inventory
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT 0, '', 0, NULL, {relay.EVENT_COLUMNS_SQL} FROM eventing_storedevent e "
-            "ORDER BY e.position LIMIT 1"
+            f"SELECT 0, '', 0, NULL, e.position, {relay.EVENT_COLUMNS_SQL} "
+            "FROM eventing_storedevent e ORDER BY e.position LIMIT 1"
         )
         (first,) = relay.claimed_rows(cursor.fetchall())
     envelope_bytes = len(orjson.dumps(first.envelope))

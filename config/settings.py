@@ -212,7 +212,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
     # The safety net: whatever the on-commit wake-ups missed is published
     # within a second. Doubled beats are harmless (rows are claimed with
-    # SKIP LOCKED and leased), so no singleton is needed.
+    # SKIP LOCKED in each batch's transaction), so no singleton is needed.
     "notifications-send-unsent": {  # the unsent-email sweep
         "task": "notifications.send_unsent",
         "schedule": 30.0,

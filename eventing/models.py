@@ -94,9 +94,10 @@ class OutboxMessage(models.Model):
     """An event waiting to be published. Rows leave once the broker confirmed.
 
     `consumer` empty means "every subscribed consumer"; a name targets one
-    consumer (a redrive). `claimed_until` is a lease: a relay that claimed the
-    row publishes it without holding a transaction open, and a crashed relay's
-    rows become claimable again when the lease runs out.
+    consumer (a redrive). The relay takes a row out in its batch's transaction
+    and puts it back if the broker did not confirm it (see `eventing.relay`).
+    `claimed_until` is the lease of relays before that design: a row leased by
+    one is skipped until the lease runs out. This relay writes NULL.
     """
 
     id = models.BigAutoField(primary_key=True)

@@ -1,13 +1,25 @@
 """The relay: outbox rows -> RabbitMQ, with batched publisher confirms.
 
 Invariants:
-- Rows are claimed in a short transaction (FOR UPDATE SKIP LOCKED) that sets a
-  lease; no transaction is open while talking to the broker.
-- A row is deleted only after the broker confirmed every message made from it.
-  A crash between confirm and delete republishes the row after its lease ends:
-  consumers are idempotent, so that costs a duplicate, never a loss.
-- Several relays may run at once: SKIP LOCKED plus the lease keep them on
-  disjoint rows in the normal path.
+- A batch is one transaction: its claim deletes the rows it takes (FOR UPDATE
+  SKIP LOCKED, then DELETE ... RETURNING), the batch is published with
+  confirms, rows the broker did not confirm are put back (same id, attempts
+  + 1, a backoff, the error), and only then does it commit. So a row leaves
+  the outbox only once the broker confirmed every message made from it; a
+  relay that dies before its commit (its connection closes) rolls back, and
+  its rows are claimable again at once. Consumers are idempotent: a batch
+  published and then rolled back costs duplicates, never a loss.
+- The transaction is open while the broker confirms (at most the publisher's
+  confirm timeout, min(10 s, RELAY_LEASE_SECONDS / 2)). A relay that stops
+  answering in it (a hung process, a lost network) is ended by PostgreSQL
+  after RELAY_LEASE_SECONDS idle (`idle_in_transaction_session_timeout`),
+  which gives the rows back.
+- Several relays may run at once: SKIP LOCKED keeps them on disjoint rows. A
+  row another relay leased (`claimed_until`, the claim of relays before this
+  design) is skipped until its lease ends.
+- Why not a lease per row with no transaction open: the lease was an UPDATE of
+  every claimed row and the settle a DELETE of it, two writes a row; a claim
+  that deletes is one. Per row that was ~19 µs of PostgreSQL time against ~13.
 """
 
 from __future__ import annotations
@@ -41,8 +53,8 @@ def new_publisher(
     from config.celery import app
 
     if confirm_timeout is None:
-        # Confirms must arrive well within the lease, or another relay could
-        # re-claim rows this one is still waiting on.
+        # Confirms must arrive well within the lease: the batch's transaction
+        # sits idle while they come, and PostgreSQL ends it after the lease.
         confirm_timeout = min(10.0, settings.EVENTING["RELAY_LEASE_SECONDS"] / 2)
     return ConfirmingPublisher(
         broker_url or settings.CELERY_BROKER_URL,
@@ -68,12 +80,12 @@ class ClaimedRow:
     # Routing, labels and traces read its "type", "id", "aggregatetype",
     # "aggregateid", "aggregateversion" and "traceparent".
     envelope: dict[str, Any]
-    # The lease value is the claim's token: settling matches on it, so a relay
-    # whose lease ran out cannot touch a row another relay has re-claimed. It
-    # is read as PostgreSQL's text for it, which casts back to the same
-    # timestamp: parsing it into a datetime cost 1.5 µs a row, and it is only
+    # The row's own columns, to put it back if it is not published. The
+    # timestamp is PostgreSQL's text for it, which casts back to the same
+    # value: parsing it into a datetime cost 1.5 µs a row, and it is only
     # ever handed back to the database.
-    claimed_until: str
+    created_at: str
+    event_position: int
 
 
 @dataclasses.dataclass
@@ -84,6 +96,9 @@ class RelayReport:
     failed_rows: int = 0
     batches: int = 0
     claimed_rows: int = 0  # of the last claim
+    # Outbox rows whose stored event is gone (only a store emptied by hand
+    # leaves such rows): they cannot be published, and were dropped.
+    dropped_rows: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
     # The publish failed as a whole (the broker unreachable, no confirm in time).
     publish_failed: bool = False
@@ -99,9 +114,11 @@ EVENT_COLUMNS_SQL = (
 )
 
 
-# Both the outbox rows and their events are reached by primary key from
-# arrays (`= ANY(ARRAY(...))`): a plain join let the planner hash or merge-join
-# whole tables, a cost that grows with the backlog and the store.
+# The outbox rows are reached by primary key from an array (`= ANY(ARRAY(...))`)
+# and each one's event by a lateral lookup on the store's primary key: a plain
+# join let the planner hash or merge-join whole tables, a cost that grows with
+# the backlog and the store. The lateral LEFT JOIN keeps a row whose event is
+# gone (its columns NULL), so that it is reported, not dropped unseen.
 # A row is due by the clock as this statement starts (an InitPlan, read once),
 # not by now(), the transaction's start: the clearing claim waits on the
 # wake-up barrier first, and a writer whose transaction began after this one
@@ -117,37 +134,48 @@ WITH claimable AS (
     LIMIT %s
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
-    UPDATE eventing_outboxmessage o
-    SET claimed_until = now() + make_interval(secs => %s), attempts = o.attempts + 1
+    DELETE FROM eventing_outboxmessage o
     WHERE o.id = ANY(ARRAY(SELECT id FROM claimable))
-    RETURNING o.id, o.consumer, o.attempts, o.claimed_until, o.event_id
+    RETURNING o.id, o.consumer, o.attempts, o.created_at, o.event_id
 )
-SELECT c.id, c.consumer, c.attempts, c.claimed_until::text, {EVENT_COLUMNS_SQL}
-FROM claimed c JOIN eventing_storedevent e ON e.position = c.event_id
-WHERE e.position = ANY(ARRAY(SELECT event_id FROM claimed))
+SELECT c.id, c.consumer, c.attempts, c.created_at::text, c.event_id, {EVENT_COLUMNS_SQL}
+FROM claimed c LEFT JOIN LATERAL (
+    SELECT * FROM eventing_storedevent s WHERE s.position = c.event_id
+) e ON true
 """  # noqa: S608
 
 
-# The relay's own commits (claims and settles) need not wait for the WAL to
-# reach the disk: if the database crashes and loses one, a lost claim makes
-# its rows claimable again and a lost delete leaves confirmed rows in the
-# outbox. Either way they are published again - a duplicate the consumers
-# skip - and never lost, because a row is deleted only after its confirm.
-# (A lost clear of the wake-up flag delays wake-ups until the next beat tick.)
+# The relay's own commits need not wait for the WAL to reach the disk: if the
+# database crashes and loses one, the batch's rows are back in the outbox and
+# are published again - a duplicate the consumers skip - and never lost,
+# because the commit comes only after the confirms. (A lost clear of the
+# wake-up flag delays wake-ups until the next beat tick.)
 _NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off;"
+# A batch's transaction stays open while the broker confirms; if the relay
+# stops answering in it, PostgreSQL ends the session after this long idle
+# (milliseconds), and the claimed rows are back.
+_IDLE_LIMIT = "SET LOCAL idle_in_transaction_session_timeout = %s;"
 # A relay run clears the wake-up flag through the writers' barrier
 # (`store.WAKE_BARRIER_KEY`): if the flag is set, it takes the barrier
 # exclusively, which waits for each writer that read the flag set (and so
-# sent no wake-up) to end its transaction, and the claim that goes with the
-# clear sees their rows. If the flag is not set, no writer counts on this run
-# and nothing waits; should a wake-up request set it between the two
-# statements, it is cleared only if the barrier is free at once, and
-# otherwise left for the run that request started. Writers only try the
-# barrier, so none waits on it; the timeout bounds the relay's wait on a
-# writer's transaction that stays open long after its append.
+# sent no wake-up) to end its transaction. If the flag is not set, no writer
+# counts on this run and nothing waits; should a wake-up request set it
+# between the two statements, it is cleared only if the barrier is free at
+# once, and otherwise left for the run that request started. Writers only
+# try the barrier, so none waits on it; the timeout bounds the relay's wait
+# on a writer's transaction that stays open long after its append.
+#
+# The clear commits on its own, before the claim that goes with it: that
+# claim's snapshot then follows every commit whose wake-up request could
+# have seen the flag still set. A request (`request_wake`) reads the
+# committed flag and does not wait for a clear in flight; had the clear
+# committed with the claim, a commit landing after the claim's snapshot but
+# before that commit would have found the flag set, asked for nothing, and
+# not been claimed either - left for beat's tick.
 WAKE_BARRIER_TIMEOUT_MS = 50
 # Parameters: the lock timeout, the barrier's key twice (`_clear_wake_params`).
 _CLEAR_WAKE_SQL = (
+    "SET LOCAL synchronous_commit = off;"  # _NO_FLUSH_WAIT
     "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s) "
     "FROM eventing_relaywake WHERE id = 1 AND requested;"
     "SET LOCAL lock_timeout = DEFAULT;"
@@ -193,29 +221,40 @@ def _one_transaction(cursor: Any, sql: str, params: list[Any]) -> None:
         cursor.execute(sql, params)
 
 
-def claim_batch(limit: int, lease_seconds: float, *, clear_wake: bool = False) -> list[ClaimedRow]:
-    """Claim up to `limit` rows (lease them). With `clear_wake`, the wake-up
-    flag is cleared in the same transaction (see `relay`), or WakeBarrierBusy
-    is raised and nothing is claimed."""
+class NotInTransaction(RuntimeError):
+    """`claim_batch` deletes the rows it claims: outside a transaction they
+    would be gone before anything was published."""
+
+
+def claim_batch(limit: int, lease_seconds: float) -> tuple[list[ClaimedRow], int]:
+    """Claim up to `limit` rows in the caller's transaction (taking them out of
+    the outbox until it commits); returns them, with the number of rows
+    dropped because their stored event is gone. `lease_seconds` bounds how
+    long the transaction may then sit idle."""
+    if not connection.in_atomic_block:
+        raise NotInTransaction("claim_batch must run inside transaction.atomic()")
     with connection.cursor() as cursor:
-        try:
-            _one_transaction(
-                cursor,
-                _NO_FLUSH_WAIT + (_CLEAR_WAKE_SQL if clear_wake else "") + _CLAIM_SQL,
-                (_clear_wake_params() if clear_wake else []) + [limit, lease_seconds],
-            )
-        except OperationalError as exc:
-            _raise_if_barrier_busy(exc)
-            raise
+        cursor.execute(
+            _NO_FLUSH_WAIT + _IDLE_LIMIT + _CLAIM_SQL, [int(lease_seconds * 1000), limit]
+        )
         rows = cursor.fetchall()
-    claimed = claimed_rows(rows)
+    found = [row for row in rows if row[5] is not None]
+    dropped = len(rows) - len(found)
+    if dropped:
+        missing = sorted(row[0] for row in rows if row[5] is None)
+        logger.error(
+            "relay: dropped %d outbox rows whose stored event is gone (outbox ids %s)",
+            dropped,
+            missing[:20],
+        )
+    claimed = claimed_rows(found)
     claimed.sort(key=lambda r: r.outbox_id)
-    return claimed
+    return claimed, dropped
 
 
 def claimed_rows(rows: list[tuple[Any, ...]]) -> list[ClaimedRow]:
-    """ClaimedRows from (outbox id, consumer, attempts, claimed_until) followed
-    by the EVENT_COLUMNS_SQL columns.
+    """ClaimedRows from (outbox id, consumer, attempts, created_at, event
+    position) followed by the EVENT_COLUMNS_SQL columns.
 
     The envelope is `StoredEvent.envelope()` built from the columns, with the
     payload's text spliced in as it is stored. It stays a dict until a
@@ -224,10 +263,10 @@ def claimed_rows(rows: list[tuple[Any, ...]]) -> list[ClaimedRow]:
     then had to be kept and copied into the body."""
     claimed = []
     for row in rows:
-        outbox_id, consumer, attempts, claimed_until, event_id, event_type = row[:6]
-        aggregate_type, aggregate_id, version, traceparent, source, time_ = row[6:12]
-        schema_version, position, correlation_id, causation_id, actor = row[12:17]
-        chain_depth, payload = row[17:]
+        outbox_id, consumer, attempts, created_at, event_position, event_id = row[:6]
+        event_type, aggregate_type, aggregate_id, version, traceparent, source = row[6:12]
+        time_, schema_version, position, correlation_id, causation_id, actor = row[12:18]
+        chain_depth, payload = row[18:]
         envelope = {
             "specversion": "1.0",
             "id": event_id,
@@ -248,7 +287,9 @@ def claimed_rows(rows: list[tuple[Any, ...]]) -> list[ClaimedRow]:
             "chaindepth": chain_depth,
             "data": orjson.Fragment(payload),
         }
-        claimed.append(ClaimedRow(outbox_id, consumer, attempts, envelope, claimed_until))
+        claimed.append(
+            ClaimedRow(outbox_id, consumer, attempts, envelope, created_at, event_position)
+        )
     return claimed
 
 
@@ -360,66 +401,80 @@ def _retry_delay(attempts: int) -> float:
     return random.uniform(0, min(30.0, 0.5 * 2 ** min(attempts, 10)))
 
 
-def _release_failed(failures: dict[int, str], claims: dict[int, ClaimedRow]) -> None:
-    if not failures:
-        return
-    with connection.cursor() as cursor:
-        for outbox_id, error in failures.items():
-            claim = claims[outbox_id]
-            cursor.execute(
-                "UPDATE eventing_outboxmessage SET claimed_until = NULL, last_error = %s, "
-                "available_at = now() + make_interval(secs => %s) "
-                "WHERE id = %s AND claimed_until = %s::timestamptz",
-                [error[:2000], _retry_delay(claim.attempts), outbox_id, claim.claimed_until],
-            )
-
-
-# One statement per lease value (a claim gives all its rows the same one, so
-# there is one): the rows are reached by primary key. A join against the
-# (id, lease) pairs made the planner hash the whole outbox for every batch,
-# so draining a backlog of n rows read O(n^2 / batch) rows.
-# The ids go as one array literal: psycopg2 adapts a list element by element,
-# which cost more per row than the DELETE itself.
-_DELETE_SQL = (
-    "DELETE FROM eventing_outboxmessage "
-    "WHERE id = ANY(%s::bigint[]) AND claimed_until = %s::timestamptz;"
+# A row the broker did not confirm goes back as it was, with one more attempt,
+# the error and a backoff; its id is free again because the claim deleted it
+# in this same transaction.
+_RESTORE_SQL = (
+    "INSERT INTO eventing_outboxmessage "
+    "(id, consumer, created_at, available_at, claimed_until, attempts, last_error, event_id) "
+    "VALUES (%s, %s, %s::timestamptz, now() + make_interval(secs => %s), NULL, %s, %s, %s);"
 )
 
 
-def _array(ids: list[int]) -> str:
-    """PostgreSQL's array literal for `ids` (integers, so nothing to quote)."""
-    return "{" + ",".join(map(str, ids)) + "}"
-
-
-def _delete_published(ids: list[int], claims: dict[int, ClaimedRow]) -> None:
-    """Delete the confirmed rows still under this relay's lease: inside the
-    caller's transaction, or else as a transaction of its own in one round trip."""
-    if not ids:
+def _restore_failed(failures: dict[int, str], claims: dict[int, ClaimedRow]) -> None:
+    if not failures:
         return
-    by_lease: dict[Any, list[int]] = {}
-    for outbox_id in ids:
-        by_lease.setdefault(claims[outbox_id].claimed_until, []).append(outbox_id)
-    sql = _DELETE_SQL * len(by_lease)
-    params = [value for lease, leased in by_lease.items() for value in (_array(leased), lease)]
+    params: list[Any] = []
+    for outbox_id, error in failures.items():
+        claim = claims[outbox_id]
+        attempts = claim.attempts + 1
+        params += [
+            outbox_id,
+            claim.consumer,
+            claim.created_at,
+            _retry_delay(attempts),
+            attempts,
+            error[:2000],
+            claim.event_position,
+        ]
     with connection.cursor() as cursor:
-        if connection.in_atomic_block:
-            cursor.execute(sql, params)
-        else:
-            _one_transaction(cursor, _NO_FLUSH_WAIT + sql, params)
+        cursor.execute(_RESTORE_SQL * len(failures), params)
+
+
+def _settle(failed: dict[int, str], claims: dict[int, ClaimedRow]) -> None:
+    """The end of a batch, before its commit: the claim already took every
+    row out; those not published go back."""
+    _restore_failed(failed, claims)
+
+
+def clear_wake_for_run() -> None:
+    """Clear the wake-up flag for a run about to claim (see `_CLEAR_WAKE_SQL`),
+    in a transaction of its own; WakeBarrierBusy if a writer held the barrier
+    too long (nothing cleared then)."""
+    with connection.cursor() as cursor:
+        try:
+            _one_transaction(cursor, _CLEAR_WAKE_SQL, _clear_wake_params())
+        except OperationalError as exc:
+            _raise_if_barrier_busy(exc)
+            raise
 
 
 def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayReport:
-    """Claim, publish and settle one batch (clearing the wake-up flag with the
-    claim if asked)."""
+    """Claim, publish and settle one batch, in one transaction (after clearing
+    the wake-up flag, if asked)."""
     conf = settings.EVENTING
     report = RelayReport()
-    rows = claim_batch(
-        limit or conf["RELAY_BATCH_SIZE"], conf["RELAY_LEASE_SECONDS"], clear_wake=clear_wake
-    )
-    if not rows:
-        return report
+    if clear_wake:
+        clear_wake_for_run()
+    with transaction.atomic():
+        rows, report.dropped_rows = claim_batch(
+            limit or conf["RELAY_BATCH_SIZE"], conf["RELAY_LEASE_SECONDS"]
+        )
+        report.claimed_rows = len(rows) + report.dropped_rows
+        if report.dropped_rows:
+            report.errors.append(
+                f"{report.dropped_rows} outbox rows dropped: their stored events are gone"
+            )
+        if rows:
+            _publish_claimed(rows, report)
+    return report
+
+
+def _publish_claimed(rows: list[ClaimedRow], report: RelayReport) -> None:
+    """Publish the claimed rows and put back those not confirmed; fills in
+    the report."""
+    conf = settings.EVENTING
     report.batches = 1
-    report.claimed_rows = len(rows)
     claims = {row.outbox_id: row for row in rows}
     targets: dict[int, list[str]] = {}
     failed: dict[int, str] = {}
@@ -438,7 +493,7 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
         result = get_publisher().publish_batch(outgoing)
     except PublishError as exc:
         # Rows whose every message was confirmed before the failure are
-        # delivered; the rest wait and retry (a duplicate at worst).
+        # delivered; the rest go back and retry (a duplicate at worst).
         result = exc.partial
         for outbox_id in per_row:
             if outbox_id not in result.confirmed:
@@ -453,14 +508,13 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
         for outbox_id, expected in per_row.items()
         if outbox_id not in failed and (expected == 0 or outbox_id in result.confirmed)
     ]
+    # A row neither failed nor confirmed cannot happen (publish_batch waits
+    # for every confirm or raises); were it to, it goes back rather than vanish.
+    for outbox_id in claims:
+        if outbox_id not in failed and outbox_id not in done:
+            failed[outbox_id] = "no confirm recorded"
     observe.relay_published(observation, done, failed)  # [observability]
-    if failed:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(_NO_FLUSH_WAIT)
-            _delete_published(done, claims)
-            _release_failed(failed, claims)
-    elif done:
-        _delete_published(done, claims)
+    _settle(failed, claims)
     report.published_rows = len(done)
     report.broker_messages = sum(1 for m in outgoing if all(k in result.confirmed for k in m.keys))
     report.messages = sum(per_row[outbox_id] for outbox_id in done)
@@ -468,7 +522,6 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
     report.errors.extend(sorted(set(failed.values()) - set(report.errors)))
     if failed:
         logger.error("relay: %d rows not published: %s", len(failed), report.errors)
-    return report
 
 
 # A run that could not clear the wake-up flag sends one follow-up run this
@@ -526,6 +579,7 @@ def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> Relay
         total.messages += report.messages
         total.broker_messages += report.broker_messages
         total.failed_rows += report.failed_rows
+        total.dropped_rows += report.dropped_rows
         total.batches += report.batches
         total.errors.extend(report.errors)
         stopped_early = report.batches > 0 and (

@@ -1,10 +1,11 @@
 """The relay's guarantees on the real PostgreSQL and RabbitMQ.
 
-- Several relays at once publish every outbox row, each once (leases + SKIP LOCKED).
+- Several relays at once publish every outbox row, each once (SKIP LOCKED).
 - A lost broker connection loses nothing: rows stay, back off, then go out once.
 - An unroutable message (no queue) is not a delivery: its row stays, the others go.
-- A row leaves the outbox only once the broker confirmed it; a crashed relay's
-  rows wait for the lease to end, then another relay publishes them.
+- A row leaves the outbox only once the broker confirmed it; a relay that dies
+  or hangs inside its batch gives the rows back (at once, or when PostgreSQL
+  ends its idle transaction), then another relay publishes them.
 - A burst of commits sends one wake-up message, not one per commit.
 
 Every test runs against a probe consumer known only to this process, whose queue
@@ -624,6 +625,55 @@ def test_a_row_committed_while_the_relay_clears_the_flag_goes_in_that_run(
     assert not RelayWake.objects.get(id=1).requested
 
 
+def test_a_commit_while_a_run_publishes_asks_for_the_next_run(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that commits while a run that cleared the flag is publishing
+    its batch (so after the run's claim) must find the flag cleared and ask
+    for a run: its row is in no batch yet. Were the clear still uncommitted
+    then, the writer would find the flag set, ask for nothing, and its row
+    would wait for beat's tick."""
+    RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
+    (first,) = insert_events(1)
+    publishing, resume = threading.Event(), threading.Event()
+    real_publish = relay_module._publish_claimed
+
+    def held_publish(rows: list[relay_module.ClaimedRow], report: Any) -> None:
+        publishing.set()
+        assert resume.wait(timeout=30), "never resumed"
+        real_publish(rows, report)
+
+    monkeypatch.setattr(relay_module, "_publish_claimed", held_publish)
+    reports: list[relay_module.RelayReport] = []
+
+    def relay_in_thread() -> None:
+        try:
+            reports.append(relay_module.relay(max_seconds=10))
+        finally:
+            connections.close_all()
+
+    run = threading.Thread(target=relay_in_thread)
+    run.start()
+    try:
+        assert publishing.wait(timeout=30), "the run never reached its publish"
+        with transaction.atomic():  # a web request's write, with its wake-up on commit
+            (late,) = store.append(
+                aggregate_type=PROBE_AGGREGATE,
+                aggregate_id=uuid.uuid4().hex,
+                expected_version=0,
+                events=[RelayProbe(n=2)],
+            )
+    finally:
+        resume.set()
+        run.join(timeout=30)
+    assert reports and reports[0].published_rows == 1, reports
+
+    assert RelayWake.objects.get(id=1).requested, "the late commit's wake-up request was lost"
+    monkeypatch.setattr(relay_module, "_publish_claimed", real_publish)
+    assert relay_module.relay(max_seconds=10).published_rows == 1
+    assert event_ids(take_all(probe_queue)) == [first, str(late.event_id)]
+
+
 def test_a_run_stopped_by_a_failed_row_asks_for_another_run(
     probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -955,7 +1005,7 @@ def test_a_writer_does_not_wait_while_the_relay_holds_the_barrier(
     assert event_ids(take_all(probe_queue)) == [writer.event_id]
 
 
-# -- 5. confirms and leases -----------------------------------------------------
+# -- 5. confirms and claims -----------------------------------------------------
 
 
 def test_rows_stay_until_the_broker_confirms_them(
@@ -1017,26 +1067,126 @@ def test_nacked_row_stays_in_the_outbox(
         _delete_queue(REFUSED_QUEUE)
 
 
-def test_crashed_relays_rows_wait_for_the_lease_then_go_once(
+class _StuckRelay(threading.Thread):
+    """A relay that claims a batch on its own connection and then neither
+    publishes nor commits until `release` is set, as a relay process that hung
+    or died after its claim."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.lease_seconds = lease_seconds
+        self.claimed: list[relay_module.ClaimedRow] = []
+        self.backend_pid = 0
+        self.ready = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        connection = connections["default"]
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    (self.backend_pid,) = cursor.fetchone()
+                self.claimed, _ = relay_module.claim_batch(100, self.lease_seconds)
+                self.ready.set()
+                assert self.release.wait(timeout=60), "never released"
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ready.set()
+            with contextlib.suppress(Exception):
+                connections.close_all()
+
+    def finish(self) -> BaseException | None:
+        self.release.set()
+        self.join(timeout=30)
+        assert not self.is_alive()
+        return self.error
+
+
+def test_a_relay_that_dies_after_its_claim_gives_the_rows_back_at_once(
     probe_queue: str, publishers: list[ConfirmingPublisher]
 ) -> None:
+    """While a relay holds its claim, the rows are in nobody else's batch; when
+    its process dies (PostgreSQL ends its session), they are claimable at
+    once, and go out once."""
+    ids = insert_events(5)
+    stuck = _StuckRelay(lease_seconds=60)
+    stuck.start()
+    assert stuck.ready.wait(timeout=30) and stuck.error is None, stuck.error
+    assert len(stuck.claimed) == 5
+
+    assert relay_module.relay_batch().batches == 0, "claimed rows are not claimable"
+    assert OutboxMessage.objects.count() == 5, "a claim is not a publish: the rows are still there"
+
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [stuck.backend_pid])
+    report = wait_for(
+        lambda: relay_module.relay_batch().published_rows,
+        timeout=10,
+        interval=0.05,
+        what="another relay to publish the dead relay's rows",
+    )
+
+    assert report == 5
+    assert stuck.finish() is not None, "the dead relay's transaction cannot have committed"
+    assert not OutboxMessage.objects.exists()
+    assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
+
+
+def test_a_relay_that_hangs_after_its_claim_is_ended_by_the_idle_limit(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    """A relay that stops answering inside its batch (a hung process, a lost
+    network) keeps its connection open: PostgreSQL ends the session once it
+    sat idle in its transaction for the lease, and the rows go out once."""
     lease = 1.0
     ids = insert_events(5)
     began = time.monotonic()
-    crashed = relay_module.claim_batch(100, lease_seconds=lease)  # ...and never settles
-    assert len(crashed) == 5
+    stuck = _StuckRelay(lease_seconds=lease)
+    stuck.start()
+    assert stuck.ready.wait(timeout=30) and stuck.error is None, stuck.error
 
-    assert relay_module.relay_batch().batches == 0, "leased rows are not claimable"
+    assert relay_module.relay_batch().batches == 0, "claimed rows are not claimable"
     report = wait_for(
         lambda: relay_module.relay_batch().published_rows,
-        timeout=lease + 5,
+        timeout=lease + 10,
         interval=0.05,
-        what="the lease to end and another relay to publish",
+        what="PostgreSQL to end the hung relay's session and another relay to publish",
     )
     waited = time.monotonic() - began
 
     assert report == 5
-    assert waited >= lease - 0.05, f"rows were re-claimed after {waited:.2f}s < lease {lease}s"
+    assert waited >= lease - 0.05, f"rows were re-claimed after {waited:.2f}s < limit {lease}s"
+    assert stuck.finish() is not None, "the hung relay's session was ended: no commit"
+    assert not OutboxMessage.objects.exists()
+    assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
+
+
+def test_claiming_outside_a_transaction_is_refused(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    """The claim takes the rows out of the outbox: outside a transaction that
+    would lose them before they were published."""
+    insert_events(2)
+    with pytest.raises(relay_module.NotInTransaction):
+        relay_module.claim_batch(10, lease_seconds=5)
+    assert OutboxMessage.objects.count() == 2
+
+
+def test_an_outbox_row_whose_event_is_gone_is_dropped_and_reported(
+    probe_queue: str, publishers: list[ConfirmingPublisher]
+) -> None:
+    """Only a store emptied by hand leaves such a row: it cannot be published,
+    so it is dropped, counted and logged, and the batch's other rows go out."""
+    ids = insert_events(2)
+    OutboxMessage.objects.create(event_id=10**15)  # no stored event has this position
+
+    report = relay_module.relay_batch()
+
+    assert (report.published_rows, report.dropped_rows, report.failed_rows) == (2, 1, 0), report
+    assert any("stored events are gone" in error for error in report.errors), report.errors
     assert not OutboxMessage.objects.exists()
     assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
 

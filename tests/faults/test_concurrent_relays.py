@@ -2,7 +2,7 @@
 relay (woken by commits and by both beats' ticks).
 
 What the guarantees predict: doubled ticks are harmless, and relays never
-share a row (FOR UPDATE SKIP LOCKED plus the lease), so the rows published by
+share a row (FOR UPDATE SKIP LOCKED in each batch's transaction), so the rows published by
 all relays together add up to exactly the rows the outbox received: each
 event is published once per consumer. Messages may still arrive out of order
 (two relays publish neighbouring versions of a stream at once); a consumer

@@ -8,8 +8,9 @@ backends of this session's test database are terminated.
 What the guarantees predict: a terminated transaction rolls back whole (row,
 events and outbox together; a consumer's handlers and checkpoint together),
 so nothing half-done remains; the consumer's message is retried or
-redelivered, a relay that lost its connection after publishing leaves leased
-rows that are republished (duplicates, skipped), and every effect happens once.
+redelivered, a relay that lost its connection after publishing rolls back
+and its rows are republished (duplicates, skipped), and every effect happens
+once.
 
 What it showed: a connection lost while a consumer task is in
 `process_message` but outside a handler (the pause check, the checkpoint

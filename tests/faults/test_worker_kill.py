@@ -3,7 +3,7 @@ messages, keep the traffic going while it is dead, restart it.
 
 What the guarantees predict: the killed transactions roll back, the unacked
 messages are redelivered (acks_late, reject_on_worker_lost), a relay run that
-died mid-batch leaves leased rows that are republished after the lease, and
+died mid-batch rolls back and its rows are republished by the next run, and
 beat's tick publishes what the lost wake-ups left behind. Redeliveries are
 counted duplicates; every effect happens once.
 """
