@@ -24,11 +24,13 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -237,7 +239,10 @@ def claim_batch(limit: int, lease_seconds: float) -> tuple[list[ClaimedRow], int
         cursor.execute(
             _NO_FLUSH_WAIT + _IDLE_LIMIT + _CLAIM_SQL, [int(lease_seconds * 1000), limit]
         )
-        rows = cursor.fetchall()
+        return _claimed_or_dropped(cursor.fetchall())
+
+
+def _claimed_or_dropped(rows: list[tuple[Any, ...]]) -> tuple[list[ClaimedRow], int]:
     found = [row for row in rows if row[5] is not None]
     dropped = len(rows) - len(found)
     if dropped:
@@ -449,17 +454,70 @@ def clear_wake_for_run() -> None:
             raise
 
 
+@contextlib.contextmanager
+def _batch(
+    limit: int, lease_seconds: float, *, clear_wake: bool
+) -> Iterator[tuple[list[ClaimedRow], int]]:
+    """A batch's transaction: claims (after clearing the wake-up flag, if
+    asked), gives the block the claimed rows and the number dropped, and
+    commits when the block ends, or rolls back if it raises.
+
+    Outside a transaction the relay opens and ends it by hand: the clear, its
+    commit, the BEGIN and the claim go to the server as one query string,
+    and the COMMIT as one more (with `atomic()`, psycopg2 sends its BEGIN in
+    a round trip of its own, and the clear needs its own transaction: four
+    round trips in all, against two). In the string the clear is a
+    transaction of its own (BEGIN ... COMMIT), and the claim runs in the one
+    the second BEGIN opens. An error anywhere leaves an aborted transaction,
+    which the ROLLBACK ends. Only cursor statements run while it is open. Inside a caller's
+    transaction (tests), the batch is a savepoint in it."""
+    if connection.in_atomic_block:
+        with transaction.atomic():
+            if clear_wake:
+                clear_wake_for_run()
+            yield claim_batch(limit, lease_seconds)
+        return
+    # Explicit blocks both: a COMMIT ending the statements' implicit
+    # transaction would commit too, but with a warning in the server's log.
+    sql = ("BEGIN;" + _CLEAR_WAKE_SQL + "COMMIT;" if clear_wake else "") + "BEGIN;"
+    sql += _NO_FLUSH_WAIT + _IDLE_LIMIT + _CLAIM_SQL
+    params = [*(_clear_wake_params() if clear_wake else []), int(lease_seconds * 1000), limit]
+    with connection.cursor() as cursor:
+        try:
+            cursor.execute(sql, params)
+            claimed = _claimed_or_dropped(cursor.fetchall())
+        except OperationalError as exc:
+            _rollback_quietly(cursor)
+            _raise_if_barrier_busy(exc)
+            raise
+        except BaseException:
+            _rollback_quietly(cursor)
+            raise
+        try:
+            yield claimed
+        except BaseException:
+            _rollback_quietly(cursor)
+            raise
+        cursor.execute("COMMIT")
+
+
+def _rollback_quietly(cursor: Any) -> None:
+    """End a batch's transaction after an error."""
+    try:
+        cursor.execute("ROLLBACK")
+    except Exception:
+        # The connection is gone, and its transaction with it.
+        logger.debug("relay: rollback after a failed batch failed", exc_info=True)
+
+
 def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayReport:
     """Claim, publish and settle one batch, in one transaction (after clearing
     the wake-up flag, if asked)."""
     conf = settings.EVENTING
     report = RelayReport()
-    if clear_wake:
-        clear_wake_for_run()
-    with transaction.atomic():
-        rows, report.dropped_rows = claim_batch(
-            limit or conf["RELAY_BATCH_SIZE"], conf["RELAY_LEASE_SECONDS"]
-        )
+    with _batch(
+        limit or conf["RELAY_BATCH_SIZE"], conf["RELAY_LEASE_SECONDS"], clear_wake=clear_wake
+    ) as (rows, report.dropped_rows):
         report.claimed_rows = len(rows) + report.dropped_rows
         if report.dropped_rows:
             report.errors.append(
