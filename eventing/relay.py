@@ -235,11 +235,16 @@ def claim_batch(limit: int, lease_seconds: float) -> tuple[list[ClaimedRow], int
     long the transaction may then sit idle."""
     if not connection.in_atomic_block:
         raise NotInTransaction("claim_batch must run inside transaction.atomic()")
+    sql = _NO_FLUSH_WAIT + _IDLE_LIMIT + _claim_sql()
     with connection.cursor() as cursor:
-        cursor.execute(
-            _NO_FLUSH_WAIT + _IDLE_LIMIT + _CLAIM_SQL, [int(lease_seconds * 1000), limit]
-        )
+        cursor.execute(sql, [int(lease_seconds * 1000), limit])
         return _claimed_or_dropped(cursor.fetchall())
+
+
+def _claim_sql() -> str:
+    """The claim, as a prepared statement's EXECUTE where they are on: its
+    planning took ~0.4 ms, a run's whole claim at a low rate."""
+    return store.prepared("eventing_relay_claim", _CLAIM_SQL) or _CLAIM_SQL
 
 
 def _claimed_or_dropped(rows: list[tuple[Any, ...]]) -> tuple[list[ClaimedRow], int]:
@@ -480,7 +485,7 @@ def _batch(
     # Explicit blocks both: a COMMIT ending the statements' implicit
     # transaction would commit too, but with a warning in the server's log.
     sql = ("BEGIN;" + _CLEAR_WAKE_SQL + "COMMIT;" if clear_wake else "") + "BEGIN;"
-    sql += _NO_FLUSH_WAIT + _IDLE_LIMIT + _CLAIM_SQL
+    sql += _NO_FLUSH_WAIT + _IDLE_LIMIT + _claim_sql()
     params = [*(_clear_wake_params() if clear_wake else []), int(lease_seconds * 1000), limit]
     with connection.cursor() as cursor:
         try:

@@ -391,7 +391,8 @@ def _append_after_update(rows: list[StoredEvent], *, barrier: bool) -> _AfterUpd
     return _AfterUpdate(head, tail, (WAKE_BARRIER_KEY,) if barrier else (), tuple(params))
 
 
-# Server-side prepared appends. Parsing and planning the append's statement
+# Server-side prepared appends (and the relay's claim, `prepared()`). Parsing
+# and planning the append's statement
 # took about as long as running it (~0.06 ms each), on every write, and
 # psycopg2 does not prepare statements itself. Each connection prepares an
 # append of n events (n up to _MAX_PREPARED_EVENTS; larger ones are rare and
@@ -405,25 +406,21 @@ _prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary(
 
 
 @functools.lru_cache(maxsize=64)
-def _prepared_append(n_events: int, barrier: bool) -> tuple[str, str, str]:
-    """(name, PREPARE statement, EXECUTE statement) of an n-event append."""
-    name = f"eventing_append_{n_events}{'_barrier' if barrier else ''}"
-    statement = _append_sql(n_events, barrier)
-    if barrier:
-        # The barrier's try stays a statement of its own before the EXECUTE.
-        statement = statement.removeprefix(_TRY_BARRIER_SQL)
+def _prepared_forms(name: str, statement: str) -> tuple[str, str]:
+    """(PREPARE, EXECUTE) of `statement`, whose parameters are `%s`."""
     pieces = statement.split("%s")
     numbered = pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], 1))
     execute = f"EXECUTE {name} ({', '.join(['%s'] * (len(pieces) - 1))})"
-    return name, f"PREPARE {name} AS {numbered}", (_TRY_BARRIER_SQL if barrier else "") + execute
+    return f"PREPARE {name} AS {numbered}", execute
 
 
-def _prepared_sql(n_events: int, barrier: bool) -> str | None:
-    """The EXECUTE of a prepared n-event append on this connection (preparing
-    it first if need be), or None to run the statement unprepared."""
-    if n_events > _MAX_PREPARED_EVENTS or not settings.EVENTING["PREPARED_APPEND"]:
+def prepared(name: str, statement: str) -> str | None:
+    """The EXECUTE of `statement` (one statement, parameters `%s`) prepared as
+    `name` on this connection, preparing it first if need be; None when
+    prepared statements are off (EVENTING["PREPARED_APPEND"]): run it as it is."""
+    if not settings.EVENTING["PREPARED_APPEND"]:
         return None
-    name, prepare, execute = _prepared_append(n_events, barrier)
+    prepare, execute = _prepared_forms(name, statement)
     connection.ensure_connection()
     names = _prepared.setdefault(connection.connection, set())
     if name not in names:
@@ -431,6 +428,21 @@ def _prepared_sql(n_events: int, barrier: bool) -> str | None:
             cursor.execute(prepare)
         names.add(name)
     return execute
+
+
+def _prepared_sql(n_events: int, barrier: bool) -> str | None:
+    """The EXECUTE of a prepared n-event append on this connection (preparing
+    it first if need be), or None to run the statement unprepared."""
+    if n_events > _MAX_PREPARED_EVENTS:
+        return None
+    statement = _append_sql(n_events, barrier)
+    if barrier:
+        # The barrier's try stays a statement of its own before the EXECUTE.
+        statement = statement.removeprefix(_TRY_BARRIER_SQL)
+    execute = prepared(f"eventing_append_{n_events}{'_barrier' if barrier else ''}", statement)
+    if execute is None:
+        return None
+    return (_TRY_BARRIER_SQL if barrier else "") + execute
 
 
 def _append_statement(rows: list[StoredEvent], *, barrier: bool) -> tuple[str, list[object]]:

@@ -1191,6 +1191,35 @@ def test_an_outbox_row_whose_event_is_gone_is_dropped_and_reported(
     assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
 
 
+def test_the_claim_is_prepared_once_per_connection_and_runs_unprepared_when_off(
+    probe_queue: str, publishers: list[ConfirmingPublisher], settings: Any
+) -> None:
+    """Planning the claim cost as much as running it at a low rate: each
+    connection prepares it once. Behind a pooler that shares sessions
+    (EVENTING_PREPARED_APPEND off) it runs as plain SQL, and publishes the same."""
+
+    def prepared_claims() -> list[str]:
+        with connections["default"].cursor() as cursor:
+            cursor.execute(
+                "SELECT name FROM pg_prepared_statements WHERE name = 'eventing_relay_claim'"
+            )
+            return [name for (name,) in cursor.fetchall()]
+
+    connections["default"].close()
+    first = insert_events(2)
+    assert relay_module.relay_batch().published_rows == 2
+    assert prepared_claims() == ["eventing_relay_claim"]
+    second = insert_events(1)
+    assert relay_module.relay_batch().published_rows == 1  # the EXECUTE of the same one
+
+    settings.EVENTING = {**settings.EVENTING, "PREPARED_APPEND": False}
+    connections["default"].close()
+    third = insert_events(1)
+    assert relay_module.relay_batch().published_rows == 1
+    assert prepared_claims() == []
+    assert event_ids(take_all(probe_queue)) == [*first, *second, *third]
+
+
 # -- 5. batches ------------------------------------------------------------------
 
 
