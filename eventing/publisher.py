@@ -87,6 +87,16 @@ class ConfirmingPublisher:
         self._next_tag = 1
         return raw
 
+    def connect(self) -> None:
+        """Open the connection (if it is not open): the relay connects before
+        it opens a batch's transaction. PublishError if the broker cannot be
+        reached."""
+        try:
+            self._ensure_channel()
+        except Exception as exc:
+            self.close()
+            raise PublishError(f"broker connection failed: {exc}") from exc
+
     def close(self) -> None:
         if self._kombu is not None:
             try:

@@ -10,10 +10,15 @@ Invariants:
   its rows are claimable again at once. Consumers are idempotent: a batch
   published and then rolled back costs duplicates, never a loss.
 - The transaction is open while the broker confirms (at most the publisher's
-  confirm timeout, min(10 s, RELAY_LEASE_SECONDS / 2)). A relay that stops
-  answering in it (a hung process, a lost network) is ended by PostgreSQL
-  after RELAY_LEASE_SECONDS idle (`idle_in_transaction_session_timeout`),
-  which gives the rows back.
+  confirm timeout, min(10 s, RELAY_LEASE_SECONDS / 2); the broker connection
+  is made before it opens). A relay that stops answering in it (a hung
+  process, a lost network) is ended by PostgreSQL after RELAY_LEASE_SECONDS
+  idle (`idle_in_transaction_session_timeout`), which gives the rows back.
+- A batch that fails as a whole (an error, not a refused message) rolls
+  back; its rows get the attempt and the error in a transaction of their own,
+  best effort, and the run sends a follow-up run. A relay process killed
+  mid-batch records nothing: its rows are claimable at once, attempts
+  unchanged.
 - Several relays may run at once: SKIP LOCKED keeps them on disjoint rows. A
   row another relay leased (`claimed_until`, the claim of relays before this
   design) is skipped until its lease ends.
@@ -122,10 +127,9 @@ EVENT_COLUMNS_SQL = (
 # the backlog and the store. The lateral LEFT JOIN keeps a row whose event is
 # gone (its columns NULL), so that it is reported, not dropped unseen.
 # A row is due by the clock as this statement starts (an InitPlan, read once),
-# not by now(), the transaction's start: the clearing claim waits on the
-# wake-up barrier first, and a writer whose transaction began after this one
-# but took the barrier before it (so sent no wake-up) stamped its row later
-# than now(), yet must be claimed here.
+# not by now(): that is when the batch's query string reached the server, and
+# a writer's row stamped after it (a writer the clear waited for, or one that
+# committed meanwhile) must be claimed here.
 # Constant text only (no values): S608 does not apply.
 _CLAIM_SQL = f"""
 WITH claimable AS (
@@ -413,11 +417,14 @@ def _retry_delay(attempts: int) -> float:
 
 # A row the broker did not confirm goes back as it was, with one more attempt,
 # the error and a backoff; its id is free again because the claim deleted it
-# in this same transaction.
+# in this same transaction. The backoff counts from now, after the publish:
+# `now()` is when the batch's transaction began, and a publish that waited
+# out its confirm timeout (10 s) would have used the whole backoff up.
 _RESTORE_SQL = (
     "INSERT INTO eventing_outboxmessage "
     "(id, consumer, created_at, available_at, claimed_until, attempts, last_error, event_id) "
-    "VALUES (%s, %s, %s::timestamptz, now() + make_interval(secs => %s), NULL, %s, %s, %s);"
+    "VALUES (%s, %s, %s::timestamptz, clock_timestamp() + make_interval(secs => %s), "
+    "NULL, %s, %s, %s);"
 )
 
 
@@ -481,29 +488,87 @@ def _batch(
             if clear_wake:
                 clear_wake_for_run()
             yield claim_batch(limit, lease_seconds)
+            with connection.cursor() as cursor:
+                # SET LOCALs outlive a released savepoint: the caller's
+                # transaction gets its own settings back.
+                cursor.execute(_SETTINGS_BACK)
         return
     # Explicit blocks both: a COMMIT ending the statements' implicit
     # transaction would commit too, but with a warning in the server's log.
     sql = ("BEGIN;" + _CLEAR_WAKE_SQL + "COMMIT;" if clear_wake else "") + "BEGIN;"
     sql += _NO_FLUSH_WAIT + _IDLE_LIMIT + _claim_sql()
     params = [*(_clear_wake_params() if clear_wake else []), int(lease_seconds * 1000), limit]
-    with connection.cursor() as cursor:
+    claimed: tuple[list[ClaimedRow], int] = ([], 0)
+    with connection.cursor() as cursor, connection.execute_wrapper(_no_atomic_inside):
         try:
             cursor.execute(sql, params)
             claimed = _claimed_or_dropped(cursor.fetchall())
+            yield claimed
+            cursor.execute("COMMIT")
+            if cursor.statusmessage != "COMMIT":
+                # A statement failed inside and its error was swallowed: the
+                # server rolled back. Nothing is lost; say so loudly.
+                raise BatchRolledBack(f"the batch ended in {cursor.statusmessage!r}")
         except OperationalError as exc:
             _rollback_quietly(cursor)
+            _record_failed_attempt(claimed[0], exc)
             _raise_if_barrier_busy(exc)
             raise
-        except BaseException:
+        except BaseException as exc:
             _rollback_quietly(cursor)
+            _record_failed_attempt(claimed[0], exc)
             raise
-        try:
-            yield claimed
-        except BaseException:
-            _rollback_quietly(cursor)
-            raise
-        cursor.execute("COMMIT")
+
+
+class BatchRolledBack(RuntimeError):
+    """A batch's COMMIT found its transaction failed: its rows are back."""
+
+
+class AtomicInsideBatch(RuntimeError):
+    """Code inside a hand-opened batch transaction entered `atomic()`."""
+
+
+# The settings a batch sets with SET LOCAL, back to the session's.
+_SETTINGS_BACK = (
+    "SET LOCAL idle_in_transaction_session_timeout = DEFAULT;"
+    "SET LOCAL synchronous_commit = DEFAULT;"
+)
+
+
+def _no_atomic_inside(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    """Django does not know of the batch's transaction (it opened by hand):
+    an `atomic()` inside would send a BEGIN onto it and then COMMIT it, rows
+    and all, before their confirms. No code of the batch does; this refuses
+    the first statement of any that would."""
+    if connection.in_atomic_block:
+        raise AtomicInsideBatch(
+            "transaction.atomic() inside a relay batch's hand-opened transaction"
+        )
+    return execute(sql, params, many, context)
+
+
+def _record_failed_attempt(rows: list[ClaimedRow], exc: BaseException) -> None:
+    """After a batch failed as a whole (its rows are back), count the attempt
+    and show the error on its rows, with a backoff, in a transaction of its
+    own: otherwise a batch that keeps failing would be claimed again at once,
+    with nothing to show in the admin. Best effort: the connection may be
+    the thing that failed."""
+    if not rows:
+        return
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE eventing_outboxmessage SET attempts = attempts + 1, last_error = %s, "
+                "available_at = clock_timestamp() + make_interval(secs => %s) "
+                "WHERE id = ANY(%s::bigint[])",
+                [
+                    f"relay batch failed: {type(exc).__name__}: {exc}"[:2000],
+                    _retry_delay(max(row.attempts for row in rows) + 1),
+                    "{" + ",".join(str(row.outbox_id) for row in rows) + "}",
+                ],
+            )
+    except Exception:
+        logger.warning("relay: could not record the failed batch's attempt", exc_info=True)
 
 
 def _rollback_quietly(cursor: Any) -> None:
@@ -520,22 +585,36 @@ def relay_batch(limit: int | None = None, *, clear_wake: bool = False) -> RelayR
     the wake-up flag, if asked)."""
     conf = settings.EVENTING
     report = RelayReport()
+    # Connected before the batch's transaction opens: a slow connect would
+    # count against the transaction's idle limit. Without a connection the
+    # batch is still claimed, and its rows go back at once with the error
+    # and a backoff, as after any failed publish (the admin and
+    # `relay_outbox` show it).
+    connect_error: PublishError | None = None
+    try:
+        get_publisher().connect()
+    except PublishError as exc:
+        connect_error = exc
     with _batch(
         limit or conf["RELAY_BATCH_SIZE"], conf["RELAY_LEASE_SECONDS"], clear_wake=clear_wake
     ) as (rows, report.dropped_rows):
         report.claimed_rows = len(rows) + report.dropped_rows
+        # A claim of only orphan rows is still a claim: the run goes on.
+        report.batches = 1 if report.claimed_rows else 0
         if report.dropped_rows:
             report.errors.append(
                 f"{report.dropped_rows} outbox rows dropped: their stored events are gone"
             )
         if rows:
-            _publish_claimed(rows, report)
+            _publish_claimed(rows, report, connect_error)
     return report
 
 
-def _publish_claimed(rows: list[ClaimedRow], report: RelayReport) -> None:
-    """Publish the claimed rows and put back those not confirmed; fills in
-    the report."""
+def _publish_claimed(
+    rows: list[ClaimedRow], report: RelayReport, connect_error: PublishError | None = None
+) -> None:
+    """Publish the claimed rows (unless the broker could not be reached) and
+    put back those not confirmed; fills in the report."""
     conf = settings.EVENTING
     report.batches = 1
     claims = {row.outbox_id: row for row in rows}
@@ -553,6 +632,8 @@ def _publish_claimed(rows: list[ClaimedRow], report: RelayReport) -> None:
     outgoing = batch_messages(publishable, conf["CONSUMER_BATCH_SIZE"], targets)
     observation = observe.relay_publishing(rows, outgoing)  # [observability]
     try:
+        if connect_error is not None:
+            raise connect_error
         result = get_publisher().publish_batch(outgoing)
     except PublishError as exc:
         # Rows whose every message was confirmed before the failure are
@@ -603,12 +684,12 @@ def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> Relay
     limit = settings.EVENTING["RELAY_BATCH_SIZE"]
     # Wake-ups rest on this: a writer that finds the flag set asks for no
     # wake-up, and holds the barrier shared until it commits; the clear waits
-    # for such writers, so the claim that goes with it (the next statement,
-    # a new snapshot) sees their rows. Writers that come after the clear fail
-    # their try of the barrier, or find the flag cleared, and ask for a run of
-    # their own. So after a clearing claim the run only drains a backlog
-    # (claims again after a full claim); if that claim finds nothing, one
-    # more claim looks again. A run that stops early (failed rows, the time
+    # for such writers, so the claim that goes with it (in the transaction
+    # after the clear's: see `_CLEAR_WAKE_SQL`) sees their rows. Writers that
+    # come after the clear fail their try of the barrier, or find the flag
+    # cleared, and ask for a run of their own. So after a clearing claim the
+    # run only drains a backlog (claims again after a full claim); if that
+    # claim finds nothing, one more claim looks again. A run that stops early (failed rows, the time
     # budget) asks for another run instead, unless the broker itself failed:
     # a wake-up could not be sent then, and beat's tick retries once the
     # broker is back.
@@ -620,6 +701,21 @@ def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> Relay
     # follow-up run a second later. A follow-up sends none (otherwise a long
     # transaction would keep chains of runs waiting on the barrier, one more
     # per beat tick); beat's tick is the run after it.
+    try:
+        return _run(total, deadline, limit, follow_up)
+    except Exception:
+        # A batch that failed rolled back: its rows are back in the outbox,
+        # and the flag may be cleared (its clear commits first) with no run
+        # asked for, or still set (the clear itself failed) so that commits
+        # ask for none. Clear it if no writer holds the barrier, and send one
+        # follow-up run a second later (none from a follow-up: beat's tick is
+        # the run after it).
+        _clear_wake_quietly()
+        _send_follow_up(follow_up)
+        raise
+
+
+def _run(total: RelayReport, deadline: float, limit: int, follow_up: bool) -> RelayReport:
     cleared = True
     try:
         report = relay_batch(limit, clear_wake=True)
@@ -627,13 +723,6 @@ def relay(max_seconds: float | None = None, *, follow_up: bool = False) -> Relay
         logger.debug("relay: the wake-up flag stays set (a writer holds the barrier)")
         cleared = False
         report = relay_batch(limit)
-    except Exception:
-        # The clear rolled back with the claim: writers would go on seeing
-        # the flag set and never wake a relay (only beat's tick would). It is
-        # cleared here if no writer holds the barrier; one that does counts
-        # on a clearing run, and beat's tick is that run.
-        _clear_wake_quietly()
-        raise
     if report.batches == 0 and cleared:
         report = relay_batch(limit)
     retried_clear = False

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import amqp
+import psycopg2.extensions
 import pytest
 from django.conf import settings
 from django.db import connections, transaction
@@ -35,8 +36,8 @@ from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
 from config.celery import app
+from eventing import context, store
 from eventing import relay as relay_module
-from eventing import store
 from eventing.consumers import EventMeta, subscribe
 from eventing.events import DomainEvent, event
 from eventing.models import OutboxMessage, RelayWake, StoredEvent
@@ -182,6 +183,13 @@ def _holds_steady(predicate: Callable[[], bool], seconds: float = 0.5) -> bool:
 # -- outbox helpers -------------------------------------------------------------
 
 
+def _database_clock() -> dt.datetime:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        (now,) = cursor.fetchone()
+    return now
+
+
 def insert_events(count: int, event_cls: type[DomainEvent] = RelayProbe) -> list[str]:
     """`count` committed events on as many aggregates, each with its outbox row.
 
@@ -214,7 +222,9 @@ def insert_events(count: int, event_cls: type[DomainEvent] = RelayProbe) -> list
     return [str(e.event_id) for e in events]
 
 
-def _new_publisher(url: str | None = None, confirm_timeout: float = 10.0) -> ConfirmingPublisher:
+def _new_publisher(
+    url: str | None = None, confirm_timeout: float | None = None
+) -> ConfirmingPublisher:
     return relay_module.new_publisher(url, confirm_timeout)
 
 
@@ -625,23 +635,28 @@ def test_a_row_committed_while_the_relay_clears_the_flag_goes_in_that_run(
     assert not RelayWake.objects.get(id=1).requested
 
 
+@pytest.mark.parametrize("writer", ["web", "handler"])
 def test_a_commit_while_a_run_publishes_asks_for_the_next_run(
-    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+    probe_queue: str,
+    publishers: list[ConfirmingPublisher],
+    monkeypatch: pytest.MonkeyPatch,
+    writer: str,
 ) -> None:
     """A writer that commits while a run that cleared the flag is publishing
     its batch (so after the run's claim) must find the flag cleared and ask
     for a run: its row is in no batch yet. Were the clear still uncommitted
     then, the writer would find the flag set, ask for nothing, and its row
-    would wait for beat's tick."""
+    would wait for beat's tick. A web request's write tries the barrier; a
+    handler's always asks after its commit."""
     RelayWake.objects.update_or_create(id=1, defaults={"requested": True})
     (first,) = insert_events(1)
     publishing, resume = threading.Event(), threading.Event()
     real_publish = relay_module._publish_claimed
 
-    def held_publish(rows: list[relay_module.ClaimedRow], report: Any) -> None:
+    def held_publish(*args: Any) -> None:
         publishing.set()
         assert resume.wait(timeout=30), "never resumed"
-        real_publish(rows, report)
+        real_publish(*args)
 
     monkeypatch.setattr(relay_module, "_publish_claimed", held_publish)
     reports: list[relay_module.RelayReport] = []
@@ -656,7 +671,8 @@ def test_a_commit_while_a_run_publishes_asks_for_the_next_run(
     run.start()
     try:
         assert publishing.wait(timeout=30), "the run never reached its publish"
-        with transaction.atomic():  # a web request's write, with its wake-up on commit
+        in_handler = writer == "handler"
+        with context.scope(in_handler=in_handler), transaction.atomic():
             (late,) = store.append(
                 aggregate_type=PROBE_AGGREGATE,
                 aggregate_id=uuid.uuid4().hex,
@@ -1018,6 +1034,7 @@ def test_rows_stay_until_the_broker_confirms_them(
     lost_acks = _new_publisher(confirm_timeout=1.0)
     monkeypatch.setattr(lost_acks, "_on_ack", lambda delivery_tag, multiple: None)
     monkeypatch.setattr(relay_module, "get_publisher", lambda: lost_acks)
+    began = _database_clock()
     try:
         report = relay_module.relay_batch()
     finally:
@@ -1028,6 +1045,9 @@ def test_rows_stay_until_the_broker_confirms_them(
     assert len(rows) == 10, "a row left the outbox without a confirm"
     assert all("confirms not received in time" in row.last_error for row in rows)
     assert all(row.attempts == 1 and row.claimed_until is None for row in rows)
+    # The backoff counts from the failure, not from the batch's start: the
+    # second of waiting for confirms does not use it up.
+    assert all(row.available_at >= began + dt.timedelta(seconds=1) for row in rows)
     assert _depth(probe_queue) == 1  # the broker did take them: 10 rows, one batch message
 
     healthy = _new_publisher()
@@ -1143,10 +1163,10 @@ def test_a_relay_that_hangs_after_its_claim_is_ended_by_the_idle_limit(
     sat idle in its transaction for the lease, and the rows go out once."""
     lease = 1.0
     ids = insert_events(5)
-    began = time.monotonic()
     stuck = _StuckRelay(lease_seconds=lease)
     stuck.start()
     assert stuck.ready.wait(timeout=30) and stuck.error is None, stuck.error
+    began = time.monotonic()  # the claim is done: the transaction sits idle from here
 
     assert relay_module.relay_batch().batches == 0, "claimed rows are not claimable"
     report = wait_for(
@@ -1189,6 +1209,71 @@ def test_an_outbox_row_whose_event_is_gone_is_dropped_and_reported(
     assert any("stored events are gone" in error for error in report.errors), report.errors
     assert not OutboxMessage.objects.exists()
     assert sorted(event_ids(take_all(probe_queue))) == sorted(ids)
+
+
+class _BatchBroke(RuntimeError):
+    pass
+
+
+def test_a_batch_that_fails_rolls_back_records_the_attempt_and_asks_for_a_run(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that raises after its publish (here its settle) ends its
+    transaction on the same connection: the rows are back, with the attempt
+    and the error, and the run sends a follow-up run rather than leave them
+    to beat's tick."""
+    ids = insert_events(3)
+    real_settle = relay_module._settle
+
+    def broken_settle(failed: dict[int, str], claims: dict[int, Any]) -> None:
+        raise _BatchBroke("the settle broke")
+
+    monkeypatch.setattr(relay_module, "_settle", broken_settle)
+    with pytest.raises(_BatchBroke):
+        relay_module.relay(max_seconds=10)
+
+    status = connections["default"].connection.get_transaction_status()
+    assert status == psycopg2.extensions.TRANSACTION_STATUS_IDLE, "the batch's transaction is over"
+    rows = list(OutboxMessage.objects.select_related("event").order_by("id"))
+    assert [str(row.event.event_id) for row in rows] == ids, "the rows are back"
+    assert all(row.attempts == 1 for row in rows)
+    error = "relay batch failed: _BatchBroke: the settle broke"
+    assert all(row.last_error == error for row in rows)
+    wait_for(
+        lambda: queue_depths(("relay",))["relay"] == 1,
+        what="the follow-up run on the relay queue",
+    )
+    _purge("relay")
+
+    monkeypatch.setattr(relay_module, "_settle", real_settle)
+    OutboxMessage.objects.update(available_at=timezone.now())  # skip the backoff
+    assert relay_module.relay(max_seconds=10).published_rows == 3
+    # Published once before the break and once now: at least once, never lost.
+    assert sorted(event_ids(take_all(probe_queue))) == sorted(ids * 2)
+
+
+def test_atomic_inside_a_batch_is_refused_before_it_commits_the_batch(
+    probe_queue: str, publishers: list[ConfirmingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's transaction is opened by hand, so Django does not know of
+    it: an `atomic()` inside would commit it, rows deleted, before their
+    confirms. The first statement in such a block is refused and the batch
+    rolls back."""
+    ids = insert_events(2)
+    real_published = relay_module.observe.relay_published
+
+    def published_with_atomic(*args: Any) -> None:
+        with transaction.atomic():
+            OutboxMessage.objects.count()
+        real_published(*args)
+
+    monkeypatch.setattr(relay_module.observe, "relay_published", published_with_atomic)
+    with pytest.raises(relay_module.AtomicInsideBatch):
+        relay_module.relay_batch()
+
+    assert sorted(
+        str(e) for e in OutboxMessage.objects.values_list("event__event_id", flat=True)
+    ) == sorted(ids)
 
 
 def test_the_claim_is_prepared_once_per_connection_and_runs_unprepared_when_off(

@@ -35,7 +35,7 @@ class SimulatedCrash(RuntimeError):
     """The relay process died between the broker's confirms and its commit."""
 
 
-def test_relay_dies_between_confirm_and_delete(
+def test_relay_dies_between_confirm_and_commit(
     live: Worker,
     start_workload: Callable[..., Workload],
     relay_threads: Callable[..., RelayThreads],
