@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -45,6 +46,8 @@ from typing import Any, Protocol, TypeVar
 import orjson
 from django.core.exceptions import ValidationError
 from django.db import connection, models
+from django.db.models.base import ModelState
+from django.db.models.signals import post_init, pre_init
 
 
 @dataclasses.dataclass
@@ -96,6 +99,34 @@ class BatchedRows:
     @property
     def label(self) -> str:
         return self.model._meta.label
+
+    def new(self, **values: Any) -> Any:
+        """`model(**values)`: a row a handler creates, unsaved (`_state.adding`).
+
+        Django's constructor walks every field and sends pre_init/post_init;
+        in a rebuild that was a sixth of the fold. When nothing listens to
+        those signals for the model and `values` names concrete fields only
+        (by attname), the instance is assembled directly: the same field
+        values (a missing one gets its default, as the constructor does) and
+        a fresh state. Anything else goes through the constructor."""
+        model = self.model
+        fields = _constructor_fields(model)
+        # `receivers` empty: no listener at all (the common case, one test);
+        # else ask per sender.
+        if (
+            (pre_init.receivers or post_init.receivers)
+            and (pre_init.has_listeners(model) or post_init.has_listeners(model))
+        ) or not values.keys() <= fields.keys():
+            return model(**values)
+        obj = model.__new__(model)
+        obj._state = ModelState()
+        if len(values) == len(fields):
+            obj.__dict__.update({attname: values[attname] for attname in fields})
+        else:
+            obj.__dict__.update(
+                {a: values[a] if a in values else f.get_default() for a, f in fields.items()}
+            )
+        return obj
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Load the rows of `keys` not loaded yet into the current unit of work."""
@@ -154,6 +185,17 @@ class BatchedRows:
         slot = (self.label, str(getattr(row, self.key_field)))
         uow.rows[slot] = row
         uow.dirty[slot] = row
+
+
+@functools.cache
+def _constructor_fields(model: type[models.Model]) -> dict[str, models.Field]:
+    """attname -> field, for the fields Django's constructor sets (concrete,
+    stored, not generated), in its order."""
+    return {
+        f.attname: f
+        for f in model._meta.concrete_fields
+        if f.column is not None and not getattr(f, "generated", False)
+    }
 
 
 def _aggregate_key(model: type[models.Model], pk: Any) -> str:

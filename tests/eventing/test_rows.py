@@ -1,0 +1,72 @@
+"""Batched read-model rows (eventing.rows): the rows a handler creates."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db.models.signals import post_init
+
+from orders.models import OrderSummary
+from orders.read_models import SUMMARY_ROWS
+
+AT = dt.datetime(2026, 11, 27, 1, 2, 3, 456, tzinfo=dt.UTC)
+VALUES = {
+    "order_id": "6f1c3a52-5d7e-4d43-9a4e-2b8e0a7f1c11",
+    "customer_id": 3,
+    "status": "PENDING",
+    "lines": [{"sku": "S", "quantity": 1}],
+    "total": Decimal("1.50"),
+    "timeline": [],
+    "placed_at": AT,
+    "updated_at": AT,
+}
+
+
+def _fields(obj: OrderSummary) -> dict[str, Any]:
+    return {k: v for k, v in vars(obj).items() if k != "_state"}
+
+
+def test_a_new_row_is_what_the_constructor_builds_and_saves_the_same(db: None) -> None:
+    built, constructed = SUMMARY_ROWS.new(**VALUES), OrderSummary(**VALUES)
+
+    assert _fields(built) == _fields(constructed)
+    assert list(vars(built)) == list(vars(constructed))
+    assert (built._state.adding, built._state.db) == (True, None)
+    built.save()
+    assert OrderSummary.objects.get(pk=VALUES["order_id"]).total == Decimal("1.50")
+
+
+def test_a_new_row_missing_fields_gets_their_defaults() -> None:
+    partial = {k: v for k, v in VALUES.items() if k not in ("lines", "timeline")}
+
+    built = SUMMARY_ROWS.new(**partial)
+
+    assert _fields(built) == _fields(OrderSummary(**partial))
+    assert built.lines == [] and built.timeline == []
+    assert built.lines is not SUMMARY_ROWS.new(**partial).lines  # a fresh default each
+
+
+@pytest.fixture
+def init_listener() -> Iterator[list[Any]]:
+    seen: list[Any] = []
+
+    def listener(sender: Any, instance: Any, **kwargs: Any) -> None:
+        seen.append(instance)
+
+    post_init.connect(listener, sender=OrderSummary, dispatch_uid="test_rows_post_init")
+    yield seen
+    post_init.disconnect(sender=OrderSummary, dispatch_uid="test_rows_post_init")
+
+
+def test_a_model_with_init_listeners_still_goes_through_its_constructor(
+    init_listener: list[Any],
+) -> None:
+    built = SUMMARY_ROWS.new(**VALUES)
+
+    assert init_listener == [built]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SUMMARY_ROWS.new(**VALUES, colour="red")
