@@ -8,10 +8,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection, transaction
 from django.db.models.signals import post_init
 
-from eventing.rows import take_dirty, unit_of_work
+from eventing.rows import _element, take_dirty, unit_of_work
 from orders.models import OrderSummary
 from orders.read_models import SUMMARY_ROWS
 
@@ -92,3 +92,31 @@ def test_a_batched_write_stores_the_values_the_instance_held(db: None, at: dt.da
     stored = OrderSummary.objects.get(pk=VALUES["order_id"])
     assert (stored.placed_at, stored.updated_at, stored.total) == (at, at, Decimal("7.00"))
     assert (stored.lines, stored.customer_id, stored.status) == (row.lines, 3, "PENDING")
+
+
+def test_a_batched_write_refuses_a_value_too_long_for_its_column(db: None) -> None:
+    row = SUMMARY_ROWS.new(**{**VALUES, "status": "X" * 13})  # status is varchar(12)
+    with unit_of_work(lock=False) as uow:
+        SUMMARY_ROWS.put(row)
+        [statement] = take_dirty(uow, [SUMMARY_ROWS])
+
+    with pytest.raises(DataError, match="too long"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(statement.sql, statement.params)
+    assert not OrderSummary.objects.exists()  # refused, not truncated
+
+
+@pytest.mark.parametrize(
+    ("db_type", "expression"),
+    [
+        ("varchar(12)", "(e->>3)::varchar"),
+        ("numeric(14, 2)", "(e->>3)::numeric"),
+        ("jsonb", "NULLIF(e->3, 'null'::jsonb)::jsonb"),
+        ("varchar(12)[]", None),  # arrays: only jsonb_to_recordset reads them
+        ("hstore", None),
+    ],
+)
+def test_row_columns_are_read_by_their_type_without_its_modifier(
+    db_type: str, expression: str | None
+) -> None:
+    assert _element(3, db_type) == expression
