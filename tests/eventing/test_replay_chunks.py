@@ -4,7 +4,9 @@ and a later chunk (one or many chunks on) changes again."""
 
 from __future__ import annotations
 
+import gc
 import uuid
+import weakref
 from typing import Any
 
 import pytest
@@ -117,3 +119,61 @@ def test_a_rebuild_looks_up_no_row_it_cleared_and_has_not_written(db: None) -> N
     table = OrderSummary._meta.db_table
     lookups = [q["sql"] for q in queries if q["sql"].startswith("SELECT") and table in q["sql"]]
     assert lookups == []
+
+
+def test_the_fold_paces_the_garbage_collector_and_gives_it_back(
+    db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interleaved_orders(6)
+    live = _summaries()
+    enabled_during_fold = []
+    original = replay._apply
+
+    def spying(*args: Any) -> int:
+        enabled_during_fold.append(gc.isenabled())
+        return original(*args)
+
+    monkeypatch.setattr(replay, "_apply", spying)
+    assert gc.isenabled()
+
+    replay.rebuild(SUMMARY, batch_size=4)
+
+    assert _summaries() == live
+    assert set(enabled_during_fold) == {False}
+    assert gc.isenabled()
+
+    def failing(*args: Any) -> int:
+        raise replay.ReplayError("a handler failed")
+
+    monkeypatch.setattr(replay, "_apply", failing)
+    with pytest.raises(replay.ReplayError):
+        replay.rebuild(SUMMARY, batch_size=4)
+    assert gc.isenabled()
+    assert _summaries() == live  # rolled back
+
+
+def test_cyclic_garbage_made_during_the_fold_is_collected_as_it_goes(
+    db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interleaved_orders(12)
+    collected: list[int] = []
+    monkeypatch.setattr(replay, "_COLLECT_EVERY", 10)
+    original = replay._apply
+
+    def making_cycles(*args: Any) -> int:
+        cycle: dict[str, Any] = {}
+        cycle["self"] = cycle
+        weakref.finalize(_Marker(cycle), collected.append, 1)
+        return original(*args)
+
+    monkeypatch.setattr(replay, "_apply", making_cycles)
+
+    replay.rebuild(SUMMARY, batch_size=5)
+
+    # 30 events, a collection every 10: the cycles of the first 20 at least.
+    assert len(collected) >= 20
+
+
+class _Marker:
+    def __init__(self, cycle: dict[str, Any]) -> None:
+        cycle["marker"] = self
