@@ -4,6 +4,7 @@ and a later chunk (one or many chunks on) changes again."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import uuid
 import weakref
@@ -14,7 +15,7 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from eventing import replay, store
-from eventing.consumers import process_batch, registry
+from eventing.consumers import EventMeta, process_batch, registry
 from eventing.models import OutboxMessage, StoredEvent
 from orders.events import OrderCancelled, OrderConfirmed, OrderPlaced
 from orders.models import OrderSummary
@@ -177,3 +178,17 @@ def test_cyclic_garbage_made_during_the_fold_is_collected_as_it_goes(
 class _Marker:
     def __init__(self, cycle: dict[str, Any]) -> None:
         cycle["marker"] = self
+
+
+def test_event_metadata_is_the_dataclass_the_constructor_builds(db: None) -> None:
+    order_id = str(uuid.uuid4())
+    [row] = _append_unpublished(order_id, [_placed(order_id, 1)])
+
+    meta = EventMeta.of(row, consumer="orders", replaying=True)
+
+    fields = {f.name for f in dataclasses.fields(EventMeta)}
+    assert set(vars(meta)) == fields  # a field added later must be set by `of`
+    assert meta == EventMeta(**{name: getattr(meta, name) for name in fields})
+    assert (meta.event_id, meta.aggregate_id, meta.version) == (str(row.event_id), order_id, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.version = 2  # type: ignore[misc]
