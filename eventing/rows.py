@@ -113,8 +113,8 @@ class BatchedRows:
         a fresh state. Anything else goes through the constructor."""
         model = self.model
         fields = _constructor_fields(model)
-        # `receivers` empty: no listener at all (the common case, one test);
-        # else ask per sender.
+        # No receiver of either signal for any model (one list check each,
+        # the usual case), or none for this model (asked per sender).
         if (
             (pre_init.receivers or post_init.receivers)
             and (pre_init.has_listeners(model) or post_init.has_listeners(model))
@@ -378,7 +378,7 @@ _ORJSON_OPTIONS = (
 )
 
 
-def _dumps(records: list[dict[str, Any]]) -> str:
+def _dumps(records: list[Any]) -> str:
     """The chunk's rows as one JSON document: orjson, in a fifth of
     json.dumps' time, with json.dumps for what orjson refuses (integers
     beyond 64 bits). Values neither encodes (Decimal) go out as str. One
