@@ -47,18 +47,22 @@ class DomainEvent:
     @classmethod
     def from_payload(cls, payload: Payload) -> DomainEvent:
         field_names, required = _shape(cls)
-        missing = sorted(name for name in required if name not in payload)
-        if missing:
+        # Set operations on the keys (in C): decoding runs per event in replay.
+        keys = payload.keys()
+        if not keys >= required:
+            missing = sorted(required - keys)
             raise ValueError(f"{cls.name} v{cls.version} payload lacks {', '.join(missing)}")
+        if keys <= field_names:
+            return cls(**payload)
         return cls(**{k: v for k, v in payload.items() if k in field_names})
 
 
 @functools.cache
-def _shape(cls: type[DomainEvent]) -> tuple[frozenset[str], tuple[str, ...]]:
+def _shape(cls: type[DomainEvent]) -> tuple[frozenset[str], frozenset[str]]:
     """An event class's field names and the ones without a default (decoding
     runs per event in replay: worked out once per class)."""
     fields = dataclasses.fields(cls)
-    required = tuple(
+    required = frozenset(
         f.name
         for f in fields
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -38,13 +38,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
+import operator
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import orjson
 from django.core.exceptions import ValidationError
 from django.db import connection, models
+from django.db.models.base import ModelState
+from django.db.models.signals import post_init, pre_init
 
 
 @dataclasses.dataclass
@@ -96,6 +101,30 @@ class BatchedRows:
     @property
     def label(self) -> str:
         return self.model._meta.label
+
+    def new(self, **values: Any) -> Any:
+        """`model(**values)`: a row a handler creates, unsaved (`_state.adding`).
+
+        Django's constructor walks every field and sends pre_init/post_init;
+        in a rebuild that was a sixth of the fold. When nothing listens to
+        those signals for the model and `values` names concrete fields only
+        (by attname), the instance is assembled directly: the same field
+        values (a missing one gets its default, as the constructor does) and
+        a fresh state. Anything else goes through the constructor."""
+        model = self.model
+        fields = _constructor_fields(model)
+        # No receiver of either signal for any model (one list check each,
+        # the usual case), or none for this model (asked per sender).
+        if (
+            (pre_init.receivers or post_init.receivers)
+            and (pre_init.has_listeners(model) or post_init.has_listeners(model))
+        ) or not values.keys() <= fields.keys():
+            return model(**values)
+        obj = model.__new__(model)
+        if len(values) < len(fields):
+            values = {a: values[a] if a in values else f.get_default() for a, f in fields.items()}
+        obj.__dict__ = {"_state": ModelState(), **values}
+        return obj
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Load the rows of `keys` not loaded yet into the current unit of work."""
@@ -154,6 +183,17 @@ class BatchedRows:
         slot = (self.label, str(getattr(row, self.key_field)))
         uow.rows[slot] = row
         uow.dirty[slot] = row
+
+
+@functools.cache
+def _constructor_fields(model: type[models.Model]) -> dict[str, models.Field]:
+    """attname -> field, for the fields Django's constructor sets (concrete,
+    stored, not generated), in its order."""
+    return {
+        f.attname: f
+        for f in model._meta.concrete_fields
+        if f.column is not None and not getattr(f, "generated", False)
+    }
 
 
 def _aggregate_key(model: type[models.Model], pk: Any) -> str:
@@ -306,20 +346,28 @@ class _Column:
     field: models.Field | None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    columns: list[_Column]
+    sql: str
+    # Rows go as JSON arrays in column order (else as objects keyed by column).
+    positional: bool
+
+
 _AUTO_FIELDS = {"AutoField", "BigAutoField", "SmallAutoField"}
-_plans: dict[tuple[type[models.Model], str], tuple[list[_Column], str]] = {}
+_plans: dict[tuple[type[models.Model], str], _Plan] = {}
 
 
 def _encoder_for(field: models.Field) -> Callable[[Any], Any] | None:
+    """None when `_dumps` already writes the value as PostgreSQL reads it:
+    datetimes, dates, times and Decimals go out as str() (an ISO 8601 text
+    with a space for the "T", which timestamptz reads alike), UUIDs in their
+    canonical form. Encoding them here in Python cost a tenth of a rebuild."""
     if isinstance(field, models.JSONField):
         if field.encoder is None:
             return None  # already JSON-shaped
         encoder = field.encoder
         return lambda value: json.loads(json.dumps(value, cls=encoder))
-    if isinstance(field, models.DateTimeField | models.DateField | models.TimeField):
-        return _isoformat
-    if isinstance(field, models.DecimalField | models.UUIDField):
-        return str
     return None
 
 
@@ -330,7 +378,7 @@ _ORJSON_OPTIONS = (
 )
 
 
-def _dumps(records: list[dict[str, Any]]) -> str:
+def _dumps(records: list[Any]) -> str:
     """The chunk's rows as one JSON document: orjson, in a fifth of
     json.dumps' time, with json.dumps for what orjson refuses (integers
     beyond 64 bits). Values neither encodes (Decimal) go out as str. One
@@ -342,11 +390,7 @@ def _dumps(records: list[dict[str, Any]]) -> str:
         return json.dumps(records, default=str)
 
 
-def _isoformat(value: Any) -> Any:
-    return value.isoformat()
-
-
-def _plan(rows: BatchedRows) -> tuple[list[_Column], str]:
+def _plan(rows: BatchedRows) -> _Plan:
     """The columns written and the statement text, once per model."""
     model = rows.model
     if (model, rows.key_field) in _plans:
@@ -369,40 +413,97 @@ def _plan(rows: BatchedRows) -> tuple[list[_Column], str]:
         for f in fields
     ]
     names = ", ".join(c.quoted for c in columns)
-    shape = ", ".join(f"{c.quoted} {c.db_type}" for c in columns)
     key = quote(model._meta.get_field(rows.key_field).column)
     updates = ", ".join(f"{c.quoted} = EXCLUDED.{c.quoted}" for c in columns if c.quoted != key)
     table = quote(model._meta.db_table)
+    elements = [_element(i, c.db_type) for i, c in enumerate(columns)]
+    positional = all(element is not None for element in elements)
     # Identifiers only, from the model's metadata and quoted; values are parameters.
-    sql = (
-        f"INSERT INTO {table} ({names}) "  # noqa: S608
-        f"SELECT {names} FROM jsonb_to_recordset(%s::jsonb) AS r({shape}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-    )
-    _plans[(model, rows.key_field)] = (columns, sql)
-    return columns, sql
+    if positional:
+        selected = ", ".join(map(str, elements))
+        source = f"SELECT {selected} FROM jsonb_array_elements(%s::jsonb) AS e"  # noqa: S608
+    else:
+        shape = ", ".join(f"{c.quoted} {c.db_type}" for c in columns)
+        source = f"SELECT {names} FROM jsonb_to_recordset(%s::jsonb) AS r({shape})"  # noqa: S608
+    sql = f"INSERT INTO {table} ({names}) {source} ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    _plans[(model, rows.key_field)] = plan = _Plan(columns, sql, positional)
+    return plan
+
+
+# Types whose text form the row's JSON carries (`_dumps`: str() of
+# datetimes, Decimals, UUIDs...), read by their input function as
+# jsonb_to_recordset would. Without their typmod: the INSERT's assignment
+# applies it (a varchar(12) too long still fails, a numeric is still
+# rounded), where an explicit cast to varchar(12) would truncate silently.
+_TEXT_INPUT_TYPES = frozenset(
+    {
+        "smallint",
+        "integer",
+        "bigint",
+        "real",
+        "double precision",
+        "numeric",
+        "boolean",
+        "varchar",
+        "text",
+        "uuid",
+        "date",
+        "time",
+        "timestamp",
+        "timestamp with time zone",
+        "interval",
+        "inet",
+    }
+)
+
+
+def _element(index: int, db_type: str) -> str | None:
+    """The expression reading column `index` of a row sent as a JSON array
+    (`e`), or None when only jsonb_to_recordset reads the type (arrays,
+    composite and other types): the plan then sends objects."""
+    base = re.sub(r"\(.*?\)", "", db_type).strip().lower()
+    if base in ("json", "jsonb"):
+        # A JSON null is SQL NULL, as jsonb_to_recordset gives it.
+        return f"NULLIF(e->{index}, 'null'::jsonb)::{base}"
+    if base in _TEXT_INPUT_TYPES:
+        return f"(e->>{index})::{base}"
+    return None
 
 
 def _upsert(rows: BatchedRows, slots: list[tuple[str, str]], instances: list[Any]) -> Statement:
-    """INSERT ... SELECT FROM jsonb_to_recordset(one JSON document) ON CONFLICT
+    """INSERT ... SELECT FROM jsonb_array_elements(one JSON document) ON CONFLICT
     (key) DO UPDATE: one statement with a fixed text and one parameter. JSON is
     the cheapest way here to ship thousands of rows (one C-level dump, one
     parse on the server, JSON columns passed through as they are), where
     `bulk_create(update_conflicts=True)` or per-column arrays spend most of a
-    replay adapting values one by one. A surrogate auto primary key is left to
-    its sequence (or kept on update)."""
-    columns, sql = _plan(rows)
-    records = []
-    for obj in instances:
-        record = {}
-        for column in columns:
-            value = (
-                column.field.pre_save(obj, True)
-                if column.field is not None
-                else getattr(obj, column.attname)
-            )
-            if value is not None and column.encode is not None:
-                value = column.encode(value)
-            record[column.name] = value
-        records.append(record)
-    return Statement(sql, [_dumps(records)], tuple(slots))
+    replay adapting values one by one. Each row is an array in column order:
+    against objects read by jsonb_to_recordset, a quarter less server time
+    per row (no keys to parse and look up) and a smaller dump. A surrogate
+    auto primary key is left to its sequence (or kept on update)."""
+    plan = _plan(rows)
+    columns = plan.columns
+    if all(column.encode is None and column.field is None for column in columns):
+        # Every value as the instance holds it: the records are built in C.
+        values = operator.attrgetter(*(column.attname for column in columns))
+        if len(columns) == 1:
+            records: list[Any] = [(values(obj),) for obj in instances]
+        else:
+            records = [values(obj) for obj in instances]
+    else:
+        records = []
+        for obj in instances:
+            record = []
+            for column in columns:
+                value = (
+                    column.field.pre_save(obj, True)
+                    if column.field is not None
+                    else getattr(obj, column.attname)
+                )
+                if value is not None and column.encode is not None:
+                    value = column.encode(value)
+                record.append(value)
+            records.append(record)
+    if not plan.positional:
+        names = [column.name for column in columns]
+        records = [dict(zip(names, record, strict=True)) for record in records]
+    return Statement(plan.sql, [_dumps(records)], tuple(slots))

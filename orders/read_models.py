@@ -61,7 +61,7 @@ def _touched(
     if summary is None:
         # Inventory's lane may run ahead of the order's own lane, so the first
         # event to arrive creates the row; OrderPlaced fills in the rest.
-        summary = OrderSummary(
+        summary = SUMMARY_ROWS.new(
             order_id=order_id,
             customer_id=0,
             status="",

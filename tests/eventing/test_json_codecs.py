@@ -33,6 +33,10 @@ def test_payloads_parse_as_json_loads_parses_them_even_past_64_bits() -> None:
         '{"order_id": "o-1", "lines": [{"sku": "S", "quantity": 2}], "total": "4.00"}',
         '{"n": 12345678901234567890123, "m": -9300000000000000000, "f": 0.1}',
         '{"s": "1234567890123456789012"}',
+        # Non-ASCII text around the numbers: the check runs on UTF-8 bytes.
+        '{"name": "Zoë ✓", "n": 18446744073709551616, "after": "日本"}',
+        '{"name": "١٢٣٤٥٦٧٨٩٠١٢٣٤٥٦٧٨٩٠", "n": -99999999999999999999}',
+        '{"n": 999999999999999999, "m": 18446744073709551615}',
     ):
         parsed = _loads(text)
         assert parsed == json.loads(text)

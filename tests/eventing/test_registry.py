@@ -81,6 +81,14 @@ def test_unknown_types_and_versions_raise_clear_errors(
 def test_missing_payload_field_is_named() -> None:
     with pytest.raises(ValueError, match="lacks currency"):
         OrderPlaced.from_payload({"order_id": "x", "customer_id": 1, "lines": [], "total": "0"})
+    with pytest.raises(ValueError, match="lacks currency, lines"):
+        OrderPlaced.from_payload({"order_id": "x", "customer_id": 1, "total": "0", "extra": 1})
+
+
+def test_payload_keys_the_class_does_not_know_are_ignored() -> None:
+    payload = {"order_id": "x", "customer_id": 1, "lines": [], "total": "0", "currency": "EUR"}
+
+    assert OrderPlaced.from_payload({**payload, "added_later": True}) == OrderPlaced(**payload)
 
 
 def _run_checks(
