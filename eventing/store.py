@@ -435,14 +435,22 @@ def _prepared_sql(n_events: int, barrier: bool) -> str | None:
     it first if need be), or None to run the statement unprepared."""
     if n_events > _MAX_PREPARED_EVENTS:
         return None
+    execute = prepared(*_prepared_append(n_events, barrier))
+    if execute is None:
+        return None
+    return (_TRY_BARRIER_SQL if barrier else "") + execute
+
+
+@functools.lru_cache(maxsize=64)
+def _prepared_append(n_events: int, barrier: bool) -> tuple[str, str]:
+    """(name, statement) of the prepared n-event append. Cached: the same
+    statement object each time keeps its hash, and `prepared()`'s cache
+    looks it up by that text on every write."""
     statement = _append_sql(n_events, barrier)
     if barrier:
         # The barrier's try stays a statement of its own before the EXECUTE.
         statement = statement.removeprefix(_TRY_BARRIER_SQL)
-    execute = prepared(f"eventing_append_{n_events}{'_barrier' if barrier else ''}", statement)
-    if execute is None:
-        return None
-    return (_TRY_BARRIER_SQL if barrier else "") + execute
+    return f"eventing_append_{n_events}{'_barrier' if barrier else ''}", statement
 
 
 def _append_statement(rows: list[StoredEvent], *, barrier: bool) -> tuple[str, list[object]]:
