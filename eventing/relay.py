@@ -481,8 +481,9 @@ def _batch(
     round trips in all, against two). In the string the clear is a
     transaction of its own (BEGIN ... COMMIT), and the claim runs in the one
     the second BEGIN opens. An error anywhere leaves an aborted transaction,
-    which the ROLLBACK ends. Only cursor statements run while it is open. Inside a caller's
-    transaction (tests), the batch is a savepoint in it."""
+    which the ROLLBACK ends. Only cursor statements may run while it is open
+    (`_no_atomic_inside`). Inside a caller's transaction (tests), the batch
+    is a savepoint in it."""
     if connection.in_atomic_block:
         with transaction.atomic():
             if clear_wake:
