@@ -660,14 +660,7 @@ def test_a_commit_while_a_run_publishes_asks_for_the_next_run(
 
     monkeypatch.setattr(relay_module, "_publish_claimed", held_publish)
     reports: list[relay_module.RelayReport] = []
-
-    def relay_in_thread() -> None:
-        try:
-            reports.append(relay_module.relay(max_seconds=10))
-        finally:
-            connections.close_all()
-
-    run = threading.Thread(target=relay_in_thread)
+    run = _relay_thread(reports)
     run.start()
     try:
         assert publishing.wait(timeout=30), "the run never reached its publish"
@@ -834,13 +827,9 @@ class _OpenWriter(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
-@contextlib.contextmanager
-def _relay_waiting_for(writer: _OpenWriter) -> Iterator[list[relay_module.RelayReport]]:
-    """Once `writer` (started) has appended, finding the flag set, a relay run
-    on its own connection until its clear waits for the writer; the block
-    runs then. The writer commits as it ends, and the run's report is in the
-    list."""
-    reports: list[relay_module.RelayReport] = []
+def _relay_thread(reports: list[relay_module.RelayReport]) -> threading.Thread:
+    """A relay run on its own connection (not started); its report goes in
+    `reports`."""
 
     def relay_in_thread() -> None:
         try:
@@ -848,7 +837,17 @@ def _relay_waiting_for(writer: _OpenWriter) -> Iterator[list[relay_module.RelayR
         finally:
             connections.close_all()
 
-    run = threading.Thread(target=relay_in_thread)
+    return threading.Thread(target=relay_in_thread)
+
+
+@contextlib.contextmanager
+def _relay_waiting_for(writer: _OpenWriter) -> Iterator[list[relay_module.RelayReport]]:
+    """Once `writer` (started) has appended, finding the flag set, a relay run
+    on its own connection until its clear waits for the writer; the block
+    runs then. The writer commits as it ends, and the run's report is in the
+    list."""
+    reports: list[relay_module.RelayReport] = []
+    run = _relay_thread(reports)
     try:
         assert writer.appended.wait(timeout=30), writer.error
         assert writer.asked_for_wake_up is False, "the flag was set: no wake-up is needed"
