@@ -770,56 +770,73 @@ def test_a_backlog_is_drained_in_one_run_batch_after_batch(
     assert not OutboxMessage.objects.exists()
 
 
-class _OpenWriter(threading.Thread):
-    """Appends a probe event (as the web side does, outside any handler) in a
-    transaction it keeps open until `release` is set, on its own connection."""
+class _HeldTransaction(threading.Thread):
+    """Runs `hold()` in a transaction on its own connection, sets `ready`, and
+    keeps the transaction open until `release` is set. `ready` is set on a
+    failure too, with the exception in `error`."""
 
-    def __init__(self, *, due_in_seconds: float = 0.0) -> None:
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        # > 0: the row comes due that much after the append, as if the
-        # writer's transaction had begun later (its `available_at` is now()).
-        self.due_in_seconds = due_in_seconds
-        self.due_at: Any = None
-        self.appended = threading.Event()
+        self.ready = threading.Event()
         self.release = threading.Event()
-        self.event_id = ""
         self.backend_pid = 0
-        self.asked_for_wake_up: bool | None = None
         self.error: BaseException | None = None
 
+    def hold(self) -> None:
+        raise NotImplementedError
+
     def run(self) -> None:
-        connection = connections["default"]
         try:
             with transaction.atomic():
-                with connection.cursor() as cursor:
+                with connections["default"].cursor() as cursor:
                     cursor.execute("SELECT pg_backend_pid()")
                     (self.backend_pid,) = cursor.fetchone()
-                (row,) = store.append(
-                    aggregate_type=PROBE_AGGREGATE,
-                    aggregate_id=uuid.uuid4().hex,
-                    expected_version=0,
-                    events=[RelayProbe(n=1)],
-                )
-                self.event_id = str(row.event_id)
-                if self.due_in_seconds:
-                    with connection.cursor() as cursor:
-                        cursor.execute(
-                            "UPDATE eventing_outboxmessage SET available_at = "
-                            "clock_timestamp() + make_interval(secs => %s) "
-                            "WHERE event_id = %s RETURNING available_at",
-                            [self.due_in_seconds, row.position],
-                        )
-                        (self.due_at,) = cursor.fetchone()
-                self.asked_for_wake_up = any(
-                    callback is relay_module.request_wake
-                    for _, callback, _ in connection.run_on_commit
-                )
-                self.appended.set()
+                self.hold()
+                self.ready.set()
                 assert self.release.wait(timeout=60), "never released"
         except BaseException as exc:
             self.error = exc
         finally:
-            connections.close_all()
+            self.ready.set()
+            # The session may have been ended under it (the stuck relay's).
+            with contextlib.suppress(Exception):
+                connections.close_all()
+
+
+class _OpenWriter(_HeldTransaction):
+    """Appends a probe event (as the web side does, outside any handler) in a
+    transaction it keeps open until `release` is set, on its own connection."""
+
+    def __init__(self, *, due_in_seconds: float = 0.0) -> None:
+        super().__init__()
+        # > 0: the row comes due that much after the append, as if the
+        # writer's transaction had begun later (its `available_at` is now()).
+        self.due_in_seconds = due_in_seconds
+        self.due_at: Any = None
+        self.event_id = ""
+        self.asked_for_wake_up: bool | None = None
+
+    def hold(self) -> None:
+        connection = connections["default"]
+        (row,) = store.append(
+            aggregate_type=PROBE_AGGREGATE,
+            aggregate_id=uuid.uuid4().hex,
+            expected_version=0,
+            events=[RelayProbe(n=1)],
+        )
+        self.event_id = str(row.event_id)
+        if self.due_in_seconds:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE eventing_outboxmessage SET available_at = "
+                    "clock_timestamp() + make_interval(secs => %s) "
+                    "WHERE event_id = %s RETURNING available_at",
+                    [self.due_in_seconds, row.position],
+                )
+                (self.due_at,) = cursor.fetchone()
+        self.asked_for_wake_up = any(
+            callback is relay_module.request_wake for _, callback, _ in connection.run_on_commit
+        )
 
     def commit(self) -> None:
         self.release.set()
@@ -849,7 +866,7 @@ def _relay_waiting_for(writer: _OpenWriter) -> Iterator[list[relay_module.RelayR
     reports: list[relay_module.RelayReport] = []
     run = _relay_thread(reports)
     try:
-        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.ready.wait(timeout=30) and writer.error is None, writer.error
         assert writer.asked_for_wake_up is False, "the flag was set: no wake-up is needed"
         run.start()
         wait_for(
@@ -938,7 +955,7 @@ def test_a_writer_holding_the_barrier_too_long_gets_one_follow_up_run(
     writer = _OpenWriter()
     writer.start()
     try:
-        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.ready.wait(timeout=30) and writer.error is None, writer.error
         assert writer.asked_for_wake_up is False
 
         report = relay_module.relay(max_seconds=10)
@@ -975,7 +992,7 @@ def test_a_run_clears_an_unset_flag_without_waiting_for_writers(
     writer = _OpenWriter()
     writer.start()
     try:
-        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.ready.wait(timeout=30) and writer.error is None, writer.error
         assert writer.asked_for_wake_up is True, "the flag was not set: it asks"
         done = threading.Event()
 
@@ -1008,7 +1025,7 @@ def test_a_writer_does_not_wait_while_the_relay_holds_the_barrier(
             cursor.execute("SELECT pg_advisory_lock(%s)", [store.WAKE_BARRIER_KEY])
         writer = _OpenWriter()
         writer.start()
-        assert writer.appended.wait(timeout=30), writer.error
+        assert writer.ready.wait(timeout=30) and writer.error is None, writer.error
         assert writer.asked_for_wake_up is True, "without the barrier it must ask"
         writer.commit()
     finally:
@@ -1086,36 +1103,18 @@ def test_nacked_row_stays_in_the_outbox(
         _delete_queue(REFUSED_QUEUE)
 
 
-class _StuckRelay(threading.Thread):
+class _StuckRelay(_HeldTransaction):
     """A relay that claims a batch on its own connection and then neither
     publishes nor commits until `release` is set, as a relay process that hung
     or died after its claim."""
 
     def __init__(self, lease_seconds: float) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.lease_seconds = lease_seconds
         self.claimed: list[relay_module.ClaimedRow] = []
-        self.backend_pid = 0
-        self.ready = threading.Event()
-        self.release = threading.Event()
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        connection = connections["default"]
-        try:
-            with transaction.atomic():
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_backend_pid()")
-                    (self.backend_pid,) = cursor.fetchone()
-                self.claimed, _ = relay_module.claim_batch(100, self.lease_seconds)
-                self.ready.set()
-                assert self.release.wait(timeout=60), "never released"
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.ready.set()
-            with contextlib.suppress(Exception):
-                connections.close_all()
+    def hold(self) -> None:
+        self.claimed, _ = relay_module.claim_batch(100, self.lease_seconds)
 
     def finish(self) -> BaseException | None:
         self.release.set()
