@@ -8,7 +8,7 @@ from django.db import connection
 
 from eventing.models import OutboxMessage
 
-from .support import Worker, purge_queues, queue_depths, wait_for
+from .support import Worker, describe_flow, purge_queues, queue_depths, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,13 @@ def wait_until_quiet(worker: Worker, timeout: float = 60.0) -> None:
         seen[0] = seen[0] + 1 if quiet_now() else 0
         return seen[0] >= 3
 
-    wait_for(quiet, timeout=timeout, interval=0.2, what="the event flow to settle")
+    wait_for(
+        quiet,
+        timeout=timeout,
+        interval=0.2,
+        what="the event flow to settle",
+        explain=lambda: describe_flow(worker),
+    )
 
 
 @pytest.fixture
@@ -75,3 +81,19 @@ def live(transactional_db: None, celery_worker: Worker) -> Iterator[Worker]:
     elif celery_worker.proc is None or celery_worker.proc.poll() is not None:
         celery_worker.start()
     wait_until_quiet(celery_worker)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A live test that fails carries the state of the event flow at that
+    moment (outbox, wake-up flag, queues, worker, its log): the worker's log
+    of a CI run does not outlive the run's checkout."""
+    report = yield
+    worker = getattr(item, "funcargs", {}).get("celery_worker")
+    if report.failed and call.when in ("setup", "call") and isinstance(worker, Worker):
+        try:
+            state = describe_flow(worker)
+        except Exception as exc:
+            state = f"(could not describe the state: {type(exc).__name__}: {exc})"
+        report.sections.append(("event flow at the failure", state))
+    return report

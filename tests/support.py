@@ -20,9 +20,15 @@ APP_QUEUES = ("orders", "inventory", "notifications", "relay")
 
 
 def wait_for(
-    predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "",
+    explain: Callable[[], str] | None = None,
 ) -> T:
-    """Poll until `predicate()` is truthy; fail with `what` at the deadline."""
+    """Poll until `predicate()` is truthy; fail with `what` at the deadline,
+    and with what `explain()` then tells of the state the wait was stuck in."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -30,9 +36,13 @@ def wait_for(
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}"
-    )
+    message = f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}"
+    if explain is not None:
+        try:
+            message += "\n" + explain()
+        except Exception as exc:  # the explanation must not hide the timeout
+            message += f"\n(could not describe the state: {type(exc).__name__}: {exc})"
+    raise AssertionError(message)
 
 
 def queue_name(name: str) -> str:
@@ -167,6 +177,56 @@ class Worker:
             if reply[self.name]:
                 return True
         return False
+
+    def held_tasks(self) -> dict[str, list[str]] | None:
+        """The names of the tasks the worker holds, by state; None if it does not answer."""
+        from config.celery import app
+
+        inspect = app.control.inspect(destination=[self.name], timeout=1.0)
+        held: dict[str, list[str]] = {}
+        for state, method in (
+            ("active", inspect.active),
+            ("reserved", inspect.reserved),
+            ("scheduled", inspect.scheduled),
+        ):
+            reply = (method() or {}).get(self.name)
+            if reply is None:
+                return None
+            held[state] = [
+                str(task.get("name") or task.get("request", {}).get("name")) for task in reply
+            ]
+        return held
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+
+def describe_flow(worker: Worker) -> str:
+    """What a stuck wait on the event flow was looking at: the outbox, the
+    relay's wake-up flag, the queues, the worker and the end of its log."""
+    from eventing.models import OutboxMessage, RelayWake
+
+    rows = OutboxMessage.objects.all()
+    failing = rows.exclude(last_error="")
+    wake = RelayWake.objects.filter(id=1).values_list("requested", flat=True).first()
+    alive = worker.proc is not None and worker.proc.poll() is None
+    parts = [
+        f"outbox: {rows.count()} rows, {failing.count()} failing"
+        + (
+            f" (last error: {failing.values_list('last_error', flat=True).first()!r})"
+            if failing.exists()
+            else ""
+        ),
+        f"relay wake-up flag: {'missing' if wake is None else 'set' if wake else 'clear'}",
+        f"queues: {queue_depths()}",
+        f"worker: {'running' if alive else 'not running'}, holds {worker.held_tasks()}",
+        f"worker log ({worker.log_path}), last lines:",
+        worker.log_tail(),
+    ]
+    return "\n".join(parts)
 
 
 def relay_once() -> int:

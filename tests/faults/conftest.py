@@ -17,7 +17,7 @@ from eventing.publisher import ConfirmingPublisher
 from orders.models import CatalogItem
 
 from ..factories import UserFactory, stock_item
-from ..support import Worker, queue_name, wait_for
+from ..support import Worker, describe_flow, queue_name, wait_for
 from .harness import SKUS, Beat, Workload
 
 
@@ -26,7 +26,11 @@ def customers(live: Worker) -> list[int]:
     """A stocked catalog (known to orders) and five customers."""
     for sku in SKUS:
         stock_item(sku, on_hand=400, threshold=40)
-    wait_for(lambda: CatalogItem.objects.count() == len(SKUS), what="orders' catalog")
+    wait_for(
+        lambda: CatalogItem.objects.count() == len(SKUS),
+        what="orders' catalog",
+        explain=lambda: describe_flow(live),
+    )
     return [UserFactory().pk for _ in range(5)]
 
 
