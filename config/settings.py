@@ -238,6 +238,14 @@ EVENTING = {
     "RELAY_BATCH_SIZE": env.int("EVENTING_RELAY_BATCH_SIZE", default=500),
     "RELAY_LEASE_SECONDS": env.float("EVENTING_RELAY_LEASE_SECONDS", default=30.0),
     "RELAY_MAX_SECONDS": env.float("EVENTING_RELAY_MAX_SECONDS", default=10.0),
+    # How a commit wakes the relay: "celery" (a relay task, run by the worker)
+    # or "notify" (a PostgreSQL NOTIFY to a relay process, `manage.py
+    # relay_outbox --loop`, one Celery round trip fewer). Beat's tick runs
+    # the relay task every second either way.
+    "RELAY_WAKE": env.str("EVENTING_RELAY_WAKE", default="celery"),
+    # The relay process's pause between runs that publish while consumers are
+    # behind (see relay_outbox).
+    "RELAY_LINGER_SECONDS": env.float("EVENTING_RELAY_LINGER_SECONDS", default=0.1),
     # Events per consumer message: a consumer applies a message's events in one
     # transaction (one commit, one checkpoint round trip for all its lanes).
     "CONSUMER_BATCH_SIZE": env.int("EVENTING_CONSUMER_BATCH_SIZE", default=100),
@@ -260,6 +268,11 @@ EVENTING = {
     # [observability] EVENTING_METRICS=0 turns metric recording off (benchmark comparisons).
     "METRICS": env.bool("EVENTING_METRICS", default=True),
 }
+if EVENTING["RELAY_WAKE"] not in ("celery", "notify"):
+    raise ImproperlyConfigured(
+        f"EVENTING_RELAY_WAKE={EVENTING['RELAY_WAKE']!r}: use 'celery' (the worker's relay "
+        "task) or 'notify' (with a `manage.py relay_outbox --loop` process)"
+    )
 
 # [observability] /metrics is open unless METRICS_TOKEN is set; then it requires
 # `Authorization: Bearer <token>` (eventing/metrics.py).

@@ -97,6 +97,24 @@ class ConfirmingPublisher:
             self.close()
             raise PublishError(f"broker connection failed: {exc}") from exc
 
+    def ready_messages(self, queue_names: list[str]) -> int:
+        """Messages waiting on these queues that no consumer has taken yet
+        (a worker holds up to its prefetch unacked; more stay ready). One
+        round trip per queue on this connection. A queue that cannot be
+        looked at counts as empty, and its error closes the connection
+        (the next publish opens a new one)."""
+        channel = self._ensure_channel()
+        ready = 0
+        for name in queue_names:
+            try:
+                _, count, _ = channel.queue_declare(name, passive=True)
+            except Exception:
+                logger.debug("could not look at queue %s", name, exc_info=True)
+                self.close()
+                return ready
+            ready += count
+        return ready
+
     def close(self) -> None:
         if self._kombu is not None:
             try:
