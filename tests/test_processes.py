@@ -1,4 +1,4 @@
-"""The Procfile really runs: web, worker, beat and Flower all start and answer.
+"""The Procfile really runs: web, worker, beat, the relay and Flower all start and answer.
 
 Unit tests import the code; only this test proves the process layout a person
 gets from `make run` works end to end: the commands, the environment they read,
@@ -43,6 +43,10 @@ WORKER_RECEIVED = re.compile(
     r"^.*\bworker\.1\s*\|.*Task eventing\.relay\[[^\]]+\] received", re.MULTILINE
 )
 HONCHO_STARTED = re.compile(r"\bstarted \(pid=(\d+)\)")
+RELAY_LISTENING = re.compile(
+    r"^.*\brelay\.1\s*\|.*relay process: listening on \S+.*EVENTING_RELAY_WAKE=notify\)",
+    re.MULTILINE,
+)
 
 pytestmark = [
     pytest.mark.processes,
@@ -272,11 +276,20 @@ def check_beat(stack: Stack) -> CheckResult:
     return False, "no 'Sending due task ... (eventing.relay)' from beat nor receipt by worker"
 
 
+def check_relay(stack: Stack) -> CheckResult:
+    """The relay process listens for wake-ups, in the Procfile's notify mode."""
+    match = RELAY_LISTENING.search(stack.log())
+    if match:
+        return True, match.group(0)
+    return False, "no 'relay process: listening ... (EVENTING_RELAY_WAKE=notify)' from relay"
+
+
 CHECKS: dict[str, Callable[[Stack], CheckResult]] = {
     "web": check_web,
     "flower": check_flower,
     "worker": check_worker,
     "beat": check_beat,
+    "relay": check_relay,
 }
 
 

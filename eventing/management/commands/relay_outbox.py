@@ -107,6 +107,14 @@ class Command(BaseCommand):
             # Listen before the first run: what commits after this asks by
             # NOTIFY, what committed before, the first run claims.
             wait(0)
+            mode = settings.EVENTING["RELAY_WAKE"]
+            self.stdout.write(
+                f"relay process: listening on {relay.WAKE_CHANNEL}; runs on each wake-up by "
+                f"NOTIFY and at least every {interval:g} s (EVENTING_RELAY_WAKE={mode}"
+                + ("" if mode == relay.WAKE_BY_NOTIFY else ": commits wake the worker's relay")
+                + ")"
+            )
+            self.stdout.flush()
             while not stopping:
                 if published_last_run and linger > 0 and _consumers_behind():
                     wait(last_run_started + linger - time.monotonic(), for_notify=False)
