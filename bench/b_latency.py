@@ -3,7 +3,9 @@
 Measured: orders placed through `orders.services.order_place()` at a steady
 rate (200/s) for a duration, by `latency_threads` threads (4) on one schedule,
 with the real worker (orders, inventory, notifications and relay queues;
-prefork -c 2) and the relay woken on commit.
+prefork -c 2) and the relay woken on commit, as `make run` deploys it: a relay
+process (`relay_outbox --loop`) woken by NOTIFY. `extra.relay_task` repeats the
+runs with the settings' default instead, a relay task in the worker.
 Latency of one order = the moment its OrderSummary row (the orders consumer's
 projection of OrderPlaced) is visible - the moment its COMMIT returned. A
 watcher thread is notified as the consumer's transaction commits (a trigger's
@@ -22,6 +24,7 @@ import time
 from django.db import connection
 
 from config.celery import app
+from eventing.relay import WAKE_BY_CELERY, WAKE_BY_NOTIFY
 
 from . import setup_data
 from .common import (
@@ -35,6 +38,7 @@ from .common import (
     purge_queues,
     queue_name,
     ratio,
+    relay_woken,
     reset_database,
     retried,
     rounded,
@@ -65,12 +69,22 @@ def truncate_stamps() -> None:
 
 
 def one_run(
-    rate: float, seconds: float, drain: float, seed: int, baseline_tasks: int, threads: int
+    rate: float,
+    seconds: float,
+    drain: float,
+    seed: int,
+    baseline_tasks: int,
+    threads: int,
+    wake: str = WAKE_BY_CELERY,
 ) -> dict:
     reset_database()
     purge_queues()
     customer = setup_data.seed()
-    with BenchWorker(APP_QUEUES, log_name="b_latency") as worker:
+    worker_env = {"EVENTING_RELAY_WAKE": wake}
+    with (
+        BenchWorker(APP_QUEUES, log_name="b_latency", extra_env=worker_env) as worker,
+        relay_woken(wake, log_name="b_latency_relay"),
+    ):
         baseline = round_trips(20)  # warm-up, discarded
         baseline = round_trips(baseline_tasks)
         watcher = SummaryWatcher()
@@ -108,6 +122,7 @@ def one_run(
     (p50, c50), (p95, c95), (p99, c99) = pct(50), pct(95), pct(99)
     return {
         "rate": rate,
+        "wake": wake,
         "placed": placed,
         "achieved_rate": round(placed / took, 1),
         "p50_ms": rounded(p50, 2),
@@ -124,37 +139,18 @@ def one_run(
 
 
 def run(sizes: Sizes) -> Result:
-    runs = []
     drain = sizes.latency_drain
-    low = None
-    if sizes.latency_low_rate > 0:
-        # First, while nothing of a saturated run (backlogs, purges) lingers.
-        low = retried(
-            lambda: one_run(
-                sizes.latency_low_rate,
-                sizes.latency_seconds,
-                drain,
-                seed=99,
-                baseline_tasks=sizes.latency_baseline_tasks,
-                threads=sizes.latency_threads,
-            ),
-            "b_latency low-rate run",
+    # As `make run` deploys it: the relay process, woken by NOTIFY.
+    low, runs = mode_runs(sizes, drain, WAKE_BY_NOTIFY, sizes.latency_repeats)
+    by_task = None
+    if sizes.latency_task_repeats > 0:
+        task_low, task_runs = mode_runs(sizes, drain, WAKE_BY_CELERY, sizes.latency_task_repeats)
+        by_task = summary(
+            task_runs,
+            task_low,
+            "the relay as a Celery task woken on commit "
+            "(EVENTING_RELAY_WAKE=celery, the settings' default)",
         )
-        log(f"b_latency: at {sizes.latency_low_rate:g}/s: {describe(low)}")
-    for rep in range(sizes.latency_repeats):
-        result = retried(
-            lambda rep=rep: one_run(
-                sizes.latency_rate,
-                sizes.latency_seconds,
-                drain,
-                seed=rep + 1,
-                baseline_tasks=sizes.latency_baseline_tasks,
-                threads=sizes.latency_threads,
-            ),
-            "b_latency run",
-        )
-        runs.append(result)
-        log(f"b_latency: run {rep + 1}: {describe(result)}")
     purge_queues()
 
     p50, p95, p99 = (median([r[k] for r in runs]) for k in ("p50_ms", "p95_ms", "p99_ms"))
@@ -195,14 +191,73 @@ def run(sizes: Sizes) -> Result:
             "drain_s": drain,
             "watcher": "LISTEN/NOTIFY at the consumer's commit",
             "placing_threads": sizes.latency_threads,
+            "relay": "a relay process woken by NOTIFY (EVENTING_RELAY_WAKE=notify)",
         },
         extra={
             "p95_ms": rounded(p95, 2),
             "p99_ms": rounded(p99, 2),
             "censored": censored,
             "low_rate_run": low,
+            "relay_task": by_task,
         },
     )
+
+
+def mode_runs(
+    sizes: Sizes, drain: float, wake: str, repeats: int
+) -> tuple[dict | None, list[dict]]:
+    """The low-rate run (if any) and `repeats` runs at the main rate, with the
+    relay woken the `wake` way."""
+    how = "relay process" if wake == WAKE_BY_NOTIFY else "relay task"
+    low = None
+    if sizes.latency_low_rate > 0:
+        # First, while nothing of a saturated run (backlogs, purges) lingers.
+        low = retried(
+            lambda: one_run(
+                sizes.latency_low_rate,
+                sizes.latency_seconds,
+                drain,
+                seed=99,
+                baseline_tasks=sizes.latency_baseline_tasks,
+                threads=sizes.latency_threads,
+                wake=wake,
+            ),
+            f"b_latency low-rate run, {how}",
+        )
+        log(f"b_latency: {how}, at {sizes.latency_low_rate:g}/s: {describe(low)}")
+    runs = []
+    for rep in range(repeats):
+        result = retried(
+            lambda rep=rep: one_run(
+                sizes.latency_rate,
+                sizes.latency_seconds,
+                drain,
+                seed=rep + 1,
+                baseline_tasks=sizes.latency_baseline_tasks,
+                threads=sizes.latency_threads,
+                wake=wake,
+            ),
+            f"b_latency run, {how}",
+        )
+        runs.append(result)
+        log(f"b_latency: {how}, run {rep + 1}: {describe(result)}")
+    return low, runs
+
+
+def summary(runs: list[dict], low: dict | None, what: str) -> dict:
+    p50 = median([r["p50_ms"] for r in runs])
+    baseline = median([r["baseline_p50_ms"] for r in runs])
+    return {
+        "what": what,
+        "p50_ms": rounded(p50, 2),
+        "p95_ms": rounded(median([r["p95_ms"] for r in runs]), 2),
+        "p99_ms": rounded(median([r["p99_ms"] for r in runs]), 2),
+        "baseline_p50_ms": rounded(baseline, 3),
+        "ratio": rounded(ratio(p50, baseline)),
+        "low_rate_ratio": rounded(ratio(low["p50_ms"], low["baseline_p50_ms"])) if low else None,
+        "runs": runs,
+        "low_rate_run": low,
+    }
 
 
 def describe(result: dict) -> str:

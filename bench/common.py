@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -9,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -392,24 +393,30 @@ class RawPublisher:
 # -- workers ---------------------------------------------------------------------
 
 
-_live_workers: list[BenchWorker] = []
+_live_workers: list[BenchWorker | BenchRelayProcess] = []
 
 
 class BenchWorker:
     """A `celery worker` subprocess with the bench environment (prefork, -c 2)."""
 
     def __init__(
-        self, queues: Sequence[str], *, concurrency: int = 2, log_name: str = "worker"
+        self,
+        queues: Sequence[str],
+        *,
+        concurrency: int = 2,
+        log_name: str = "worker",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.queues = [queue_name(q) for q in queues]
         self.concurrency = concurrency
+        self.extra_env = extra_env or {}
         self.name = f"bench-{log_name}-{os.getpid()}@localhost"
         self.log_path = RESULTS_DIR / f"{log_name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> BenchWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **bench_environ()}
+        env = {**os.environ, **bench_environ(), **self.extra_env}
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [
@@ -496,6 +503,92 @@ class BenchWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class BenchRelayProcess:
+    """`manage.py relay_outbox --loop` with the bench environment and
+    EVENTING_RELAY_WAKE=notify: the relay process a commit wakes by NOTIFY."""
+
+    def __init__(self, log_name: str = "relay") -> None:
+        self.name = f"relay process ({log_name})"
+        self.log_path = RESULTS_DIR / f"{log_name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> BenchRelayProcess:
+        from eventing.relay import WAKE_CHANNEL
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **bench_environ(), "EVENTING_RELAY_WAKE": "notify"}
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "manage.py", "relay_outbox", "--loop", "--interval", "1"],
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _live_workers.append(self)
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the relay process exited; see {self.log_path}")
+            # Its listener's last statement; only this process listens here.
+            return bool(
+                scalar(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query = %s",
+                    [f"LISTEN {WAKE_CHANNEL}"],
+                )
+            )
+
+        wait_until(listening, timeout=timeout, interval=0.1, what="the relay process to LISTEN")
+        return self
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # ends after its run under way
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self in _live_workers:
+            _live_workers.remove(self)
+
+    def __enter__(self) -> BenchRelayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# The worker's environment as `make run` deploys the relay: its handlers'
+# commits wake the relay process by NOTIFY too.
+RELAY_PROCESS_ENV = {"EVENTING_RELAY_WAKE": "notify"}
+
+
+@contextlib.contextmanager
+def relay_woken(mode: str, log_name: str) -> Iterator[BenchRelayProcess | None]:
+    """This process's commits wake the relay the `mode` way ("notify" or
+    "celery"; the setting is read at each wake-up), and for "notify" a relay
+    process runs, as `make run` deploys it."""
+    saved = settings.EVENTING["RELAY_WAKE"]
+    settings.EVENTING["RELAY_WAKE"] = mode
+    try:
+        if mode == "notify":
+            with BenchRelayProcess(log_name=log_name) as process:
+                yield process
+        else:
+            yield None
+    finally:
+        settings.EVENTING["RELAY_WAKE"] = saved
 
 
 def stop_all_workers() -> None:

@@ -1,9 +1,10 @@
-"""g_memory: RSS of the worker (relay included) across a soak at a steady rate.
+"""g_memory: RSS of the worker and the relay process across a soak at a steady rate.
 
-Measured: a worker on all four queues (prefork -c 2; the relay task runs in
-its pool processes) while orders are placed at a steady rate the platform
-sustains on this machine (10/s by default) for the soak duration. The RSS
-(VmRSS from /proc) of the main process and its pool children is sampled at a
+Measured: a worker on all four queues (prefork -c 2) and the relay process
+woken by NOTIFY, as `make run` deploys them, while orders are placed at a
+steady rate the platform sustains on this machine (10/s by default) for the
+soak duration. The RSS (VmRSS from /proc) of the worker's main process, its
+pool children and the relay process is sampled at a
 fixed interval. Value: mean total RSS over the last window; baseline: mean
 total RSS over the first window after the warm-up. Flat is a ratio of ~1.0;
 "met" allows 5% for noise.
@@ -16,7 +17,18 @@ import threading
 import time
 
 from . import setup_data
-from .common import BenchWorker, Result, log, purge_queues, reset_database, rounded, rss_bytes
+from .common import (
+    RELAY_PROCESS_ENV,
+    BenchRelayProcess,
+    BenchWorker,
+    Result,
+    log,
+    purge_queues,
+    relay_woken,
+    reset_database,
+    rounded,
+    rss_bytes,
+)
 from .env import APP_QUEUES
 from .load import place_steadily
 from .sizes import Sizes
@@ -26,9 +38,9 @@ MB = 1024 * 1024
 
 
 class RssSampler(threading.Thread):
-    def __init__(self, worker: BenchWorker, interval: float) -> None:
+    def __init__(self, processes: list[BenchWorker | BenchRelayProcess], interval: float) -> None:
         super().__init__(name="rss-sampler", daemon=True)
-        self.worker = worker
+        self.processes = processes
         self.interval = interval
         self.samples: list[dict] = []
         self.stopping = threading.Event()
@@ -36,7 +48,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            per_pid = {pid: rss_bytes(pid) for pid in self.worker.pids()}
+            per_pid = {pid: rss_bytes(pid) for p in self.processes for pid in p.pids()}
             self.samples.append(
                 {
                     "t": round(time.monotonic() - self.started_at, 2),
@@ -60,8 +72,12 @@ def run(sizes: Sizes) -> Result:
     reset_database()
     purge_queues()
     customer = setup_data.seed()
-    with BenchWorker(APP_QUEUES, log_name="g_memory") as worker:
-        sampler = RssSampler(worker, sizes.soak_interval)
+    with (
+        BenchWorker(APP_QUEUES, log_name="g_memory", extra_env=RELAY_PROCESS_ENV) as worker,
+        relay_woken("notify", log_name="g_memory_relay") as relay_process,
+    ):
+        assert relay_process is not None
+        sampler = RssSampler([worker, relay_process], sizes.soak_interval)
         sampler.start()
         try:
             log(f"g_memory: soak at {sizes.soak_rate:g} orders/s for {sizes.soak_seconds:g}s")
@@ -88,7 +104,7 @@ def run(sizes: Sizes) -> Result:
         met=None if r is None else r <= TARGET,
         runs=samples,
         baseline_runs=[],
-        what="RSS of the worker main process + pool children (relay runs in them)",
+        what="RSS of the worker main process + pool children + the relay process",
         baseline_what="the same, first window after the warm-up",
         sizes={
             "rate_per_s": sizes.soak_rate,

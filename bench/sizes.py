@@ -17,6 +17,9 @@ class Sizes:
     latency_repeats: int = 3
     latency_drain: float = 30.0  # b_latency: wait this long after the load for stragglers
     latency_baseline_tasks: int = 300
+    # b_latency: runs with the relay task (EVENTING_RELAY_WAKE=celery) after those with
+    # the relay process, at the main rate and (if any) the low rate. 0: none.
+    latency_task_repeats: int = 3
     consumer_events: int = 50_000  # c_consumer: backlog on one queue
     consumer_repeats: int = 2  # a 50,000 backlog takes minutes per run
     replay_events: int = 1_000_000  # d_replay: stored events read raw
@@ -42,6 +45,7 @@ QUICK = Sizes(
     latency_baseline_tasks=100,
     latency_drain=5.0,
     latency_repeats=2,
+    latency_task_repeats=2,
     consumer_events=2_000,
     consumer_repeats=3,
     replay_events=200_000,
