@@ -243,9 +243,9 @@ EVENTING = {
     # relay_outbox --loop`, one Celery round trip fewer). Beat's tick runs
     # the relay task every second either way.
     "RELAY_WAKE": env.str("EVENTING_RELAY_WAKE", default="celery"),
-    # The relay process's pause between runs that publish while consumers are
-    # behind (see relay_outbox).
-    "RELAY_LINGER_SECONDS": env.float("EVENTING_RELAY_LINGER_SECONDS", default=0.1),
+    # The relay process's longest pause between runs that publish while a
+    # consumer queue holds messages no worker has taken (see relay_outbox).
+    "RELAY_LINGER_SECONDS": env.float("EVENTING_RELAY_LINGER_SECONDS", default=1.0),
     # Events per consumer message: a consumer applies a message's events in one
     # transaction (one commit, one checkpoint round trip for all its lanes).
     "CONSUMER_BATCH_SIZE": env.int("EVENTING_CONSUMER_BATCH_SIZE", default=100),

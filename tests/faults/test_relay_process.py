@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import connection
+from kombu import Connection
 
 from config.celery import app
 from eventing import relay
@@ -211,3 +213,26 @@ def test_a_wake_up_request_notifies_once_until_a_run_clears_the_flag(
         listener.close()
     # No Celery message went to the relay queue for any of them.
     assert queue_depths(("relay",))["relay"] == depth_before
+
+
+def test_the_linger_sees_messages_no_consumer_has_taken() -> None:
+    """The relay process lingers while a consumer queue holds ready messages:
+    what it counts is what RabbitMQ holds for nobody yet."""
+    name = queue_name("probe-ready")
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        channel = conn.channel()
+        channel.queue_declare(name, durable=False, auto_delete=False)
+        channel.queue_purge(name)
+        producer = conn.Producer(channel)
+        for n in range(3):
+            producer.publish({"n": n}, routing_key=name, exchange="")
+    publisher = relay.new_publisher()
+    try:
+        wait_for(lambda: publisher.ready_messages([name]) == 3, what="3 ready messages")
+        # A queue that is not there counts nothing, and the next look works.
+        assert publisher.ready_messages([name, queue_name("no-such-queue")]) == 3
+        assert publisher.ready_messages([name]) == 3
+    finally:
+        publisher.close()
+        with Connection(settings.CELERY_BROKER_URL) as conn:
+            conn.channel().queue_delete(name)

@@ -38,8 +38,9 @@ class Command(BaseCommand):
             type=float,
             default=None,
             help=(
-                "With --loop: after a run that published, wait this long from its start "
-                "before the next, so that a busy outbox goes out in fuller batches "
+                "With --loop: after a run that published, while a consumer queue holds "
+                "messages no worker has taken, wait up to this long from its start before "
+                "the next, so that a busy outbox goes out in fuller batches "
                 "(seconds; default EVENTING_RELAY_LINGER_SECONDS)."
             ),
         )
@@ -96,11 +97,12 @@ class Command(BaseCommand):
         # events: fine while the consumers keep up, but once they fall behind
         # those extra tasks are what they cannot afford (at 200 orders/s here
         # the saga fell about three times further behind than with the relay
-        # task, which waits its turn in the worker's pool). So when a consumer
-        # queue holds messages no worker has taken, the next run waits for the
-        # linger from this run's start: what commits meanwhile finds the
-        # wake-up flag set, sends no NOTIFY, and goes out in the next run's
-        # fuller batch.
+        # task, which waits its turn in the worker's pool). So while a consumer
+        # queue holds messages no worker has taken, the next run waits (up to
+        # the linger from this run's start, looking every LINGER_POLL_SECONDS):
+        # what it would publish would only queue behind them. What commits
+        # meanwhile finds the wake-up flag set, sends no NOTIFY, and goes out
+        # in the next run's fuller batch, as the queue runs dry.
         published_last_run = False
         last_run_started = 0.0
         try:
@@ -116,8 +118,13 @@ class Command(BaseCommand):
             )
             self.stdout.flush()
             while not stopping:
-                if published_last_run and linger > 0 and _consumers_behind():
-                    wait(last_run_started + linger - time.monotonic(), for_notify=False)
+                if published_last_run and linger > 0:
+                    lingered_until = last_run_started + linger
+                    while not stopping and _consumers_behind():
+                        remaining = lingered_until - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        wait(min(LINGER_POLL_SECONDS, remaining), for_notify=False)
                     if stopping:
                         break
                 # This run claims after the commits of the notifications that
@@ -164,6 +171,10 @@ class Command(BaseCommand):
             f" in {report.batches} batch(es); {report.failed_rows} failed"
             + (f": {'; '.join(report.errors)}" if report.errors else "")
         )
+
+
+# How often a lingering relay process looks at the consumer queues again.
+LINGER_POLL_SECONDS = 0.05
 
 
 class _Stopped(Exception):
