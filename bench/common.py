@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import amqp
 from django.apps import apps
@@ -393,10 +393,40 @@ class RawPublisher:
 # -- workers ---------------------------------------------------------------------
 
 
-_live_workers: list[BenchWorker | BenchRelayProcess] = []
+_live_workers: list[_BenchProcess] = []
 
 
-class BenchWorker:
+class _BenchProcess:
+    """A bench subprocess in a session of its own, registered in `_live_workers`
+    while it runs. Stopping sends SIGTERM to the main process only (a worker's
+    warm shutdown: the pool children finish their task and prefetched messages
+    go back; the relay process ends after its run under way), then SIGKILL to
+    the whole session after `timeout`."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def start(self, timeout: float = 60.0) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self in _live_workers:
+            _live_workers.remove(self)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class BenchWorker(_BenchProcess):
     """A `celery worker` subprocess with the bench environment (prefork, -c 2)."""
 
     def __init__(
@@ -485,27 +515,8 @@ class BenchWorker:
             return []
         return [self.proc.pid, *descendants(self.proc.pid)]
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # TERM to the main process only: a warm shutdown (the pool
-            # children finish their task; prefetched messages go back).
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if self in _live_workers:
-            _live_workers.remove(self)
 
-    def __enter__(self) -> BenchWorker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class BenchRelayProcess:
+class BenchRelayProcess(_BenchProcess):
     """`manage.py relay_outbox --loop` with the bench environment and
     EVENTING_RELAY_WAKE=notify: the relay process a commit wakes by NOTIFY."""
 
@@ -550,23 +561,6 @@ class BenchRelayProcess:
         if self.proc is None or self.proc.poll() is not None:
             return []
         return [self.proc.pid]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # ends after its run under way
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if self in _live_workers:
-            _live_workers.remove(self)
-
-    def __enter__(self) -> BenchRelayProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # The worker's environment as `make run` deploys the relay: its handlers'
