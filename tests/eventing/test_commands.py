@@ -157,3 +157,8 @@ def test_relay_outbox_reports_failure_and_keeps_rows_when_broker_unreachable(
     monkeypatch.setattr(relay, "_publisher", None)  # drop the publisher bound to port 1
     with pytest.raises(CommandError, match="--interval must be a positive number"):
         _run("relay_outbox", "--loop", "--interval", "0")
+
+
+def test_relay_outbox_refuses_a_negative_linger(db: None) -> None:
+    with pytest.raises(CommandError, match="--linger must be zero or a positive number"):
+        _run("relay_outbox", "--loop", "--linger", "-1")

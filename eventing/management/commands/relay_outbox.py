@@ -62,7 +62,7 @@ class Command(BaseCommand):
         if linger is None:
             linger = settings.EVENTING["RELAY_LINGER_SECONDS"]
         if linger < 0:
-            raise CommandError("--linger must be zero or a positive number of seconds, e.g. 0.02")
+            raise CommandError("--linger must be zero or a positive number of seconds, e.g. 1")
         self._loop(options["interval"], linger, options["json"], options["verbosity"])
 
     def _loop(self, interval: float, linger: float, as_json: bool, verbosity: int) -> None:
