@@ -396,6 +396,11 @@ class RawPublisher:
 _live_workers: list[_BenchProcess] = []
 
 
+# The relay as `make run` deploys it, for the relay process and the worker
+# (whose handlers' commits wake the relay process by NOTIFY too).
+RELAY_PROCESS_ENV = {"EVENTING_RELAY_WAKE": "notify"}
+
+
 class _BenchProcess:
     """A bench subprocess in a session of its own, registered in `_live_workers`
     while it runs. Stopping sends SIGTERM to the main process only (a worker's
@@ -404,9 +409,24 @@ class _BenchProcess:
     the whole session after `timeout`."""
 
     proc: subprocess.Popen[bytes] | None
+    log_path: Path
 
     def start(self, timeout: float = 60.0) -> Self:
         raise NotImplementedError
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        """Start `argv` from the checkout in a new session, output appended to the log."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _live_workers.append(self)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -445,38 +465,31 @@ class BenchWorker(_BenchProcess):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> BenchWorker:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **bench_environ(), **self.extra_env}
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "config",
-                    "worker",
-                    "-Q",
-                    ",".join(self.queues),
-                    "-c",
-                    str(self.concurrency),
-                    "-n",
-                    self.name,
-                    "-I",
-                    "bench.tasks",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-l",
-                    os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _live_workers.append(self)
+        self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                ",".join(self.queues),
+                "-c",
+                str(self.concurrency),
+                "-n",
+                self.name,
+                "-I",
+                "bench.tasks",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
+            ],
+            env,
+        )
         self.wait_ready(timeout)
         return self
 
@@ -528,18 +541,10 @@ class BenchRelayProcess(_BenchProcess):
     def start(self, timeout: float = 60.0) -> BenchRelayProcess:
         from eventing.relay import WAKE_CHANNEL
 
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **bench_environ(), "EVENTING_RELAY_WAKE": "notify"}
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "manage.py", "relay_outbox", "--loop", "--interval", "1"],
-                cwd=ROOT,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _live_workers.append(self)
+        self._spawn(
+            [sys.executable, "manage.py", "relay_outbox", "--loop", "--interval", "1"],
+            {**os.environ, **bench_environ(), **RELAY_PROCESS_ENV},
+        )
 
         def listening() -> bool:
             assert self.proc is not None
@@ -561,11 +566,6 @@ class BenchRelayProcess(_BenchProcess):
         if self.proc is None or self.proc.poll() is not None:
             return []
         return [self.proc.pid]
-
-
-# The worker's environment as `make run` deploys the relay: its handlers'
-# commits wake the relay process by NOTIFY too.
-RELAY_PROCESS_ENV = {"EVENTING_RELAY_WAKE": "notify"}
 
 
 @contextlib.contextmanager
